@@ -1,0 +1,48 @@
+"""Exception types and the closed set of reasons a fusion can be refused for."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    """Why a structural match was not fused. The value is the short code shown in reports."""
+
+    BN_TRAINING = "BN in training mode"
+    NO_RUNNING_STATS = "no running stats"
+    SHARED_INTERMEDIATE = "shared intermediate"
+    STRIDE = "strides differ"
+    MISALIGNED = "outputs not aligned"
+    GEOMETRY = "geometry"
+    PADDING_MODE = "padding mode"
+    BORDER_NOT_EXACT = "border not exact"
+    WOULD_COST_MORE = "would cost more"
+
+
+class ReparamError(Exception):
+    """Base class of every error raised by reparam."""
+
+
+class FusionRefused(ReparamError):
+    """A kernel operation that would not be exact. Carries a `Reason` and a sentence.
+
+    The engine catches it, leaves the graph as it was and records a refusal in the report;
+    calling the kernel algebra directly lets it propagate.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class TrainingModeError(ReparamError):
+    """`fuse` was given a model in training mode."""
+
+
+class NotTraceableError(ReparamError):
+    """torch.fx could not trace the model's forward."""
+
+
+class RuleError(ReparamError):
+    """A rule raised an unexpected exception; the message names the rule and the node."""

@@ -1,0 +1,392 @@
+"""The kernel algebra: convolutions with a bias as values, composed exactly in float64.
+
+A `Kernel` is the affine, translation-equivariant map
+
+    y[o, p] = bias[o] + sum_{c, t} weight[o, c, t] * x[c, stride * p - padding + dilation * t]
+
+(per spatial dimension; channels split into `groups`). Everything structural
+re-parameterization removes is such a map: a convolution, an eval-mode BatchNorm, an identity.
+Because convolution is linear, two algebraic operations are enough:
+
+* `a.then(b)`: b applied to the output of a is one kernel (sequential composition);
+* `a + b`: the sum of two kernels applied to the same input is one kernel (parallel sum),
+  after embedding both into a common geometry (1x1, 1xK, Kx1 and dilated kernels into KxK).
+
+Each operation is exact for every input size, borders included, or raises `FusionRefused`
+with a `Reason`. Weights are held in float64; `to_module` casts back to the original dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from itertools import product
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import FusionRefused, Reason
+
+_CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """An N-d convolution with bias (N = 1, 2 or 3), stored in float64.
+
+    `weight` has shape `(out_channels, in_channels // groups, *kernel_size)`; `dtype` is the
+    dtype to cast back to. Build kernels with the constructors (`conv`, `from_conv`,
+    `from_batchnorm`, `affine`, `identity`); they normalise the geometry so that equal maps
+    have equal geometry (a size-1 dimension has dilation 1, an unpadded kernel has padding
+    mode "zeros").
+    """
+
+    weight: Tensor
+    bias: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    dtype: torch.dtype
+
+    # ----------------------------------------------------------------- constructors
+
+    @classmethod
+    def conv(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> Kernel:
+        """The kernel of `F.convNd(x, weight, bias, stride, padding, dilation, groups)`."""
+        dims = weight.dim() - 2
+        if dims not in _CONV_CLASSES:
+            raise FusionRefused(Reason.GEOMETRY, f"a {dims}-d convolution is not supported (1d, 2d and 3d are)")
+        size = tuple(weight.shape[2:])
+        dilation = tuple(d if k > 1 else 1 for d, k in zip(_expand(dilation, dims), size))
+        padding = _resolve_padding(padding, size, dilation)
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        return cls(
+            weight=weight.detach().to(torch.float64),
+            bias=bias.detach().to(device=weight.device, dtype=torch.float64),
+            stride=_expand(stride, dims),
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode if any(padding) else "zeros",
+            dtype=weight.dtype,
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> Kernel:
+        """The kernel of an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`."""
+        return cls.conv(
+            conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+        )
+
+    @classmethod
+    def affine(cls, scale: Tensor, shift: Tensor, spatial_dims: int) -> Kernel:
+        """The per-channel map `y[c] = scale[c] * x[c] + shift[c]`, as a depthwise 1x..x1 kernel."""
+        channels = scale.shape[0]
+        weight = scale.detach().reshape(channels, 1, *[1] * spatial_dims)
+        return cls.conv(weight, shift, groups=channels)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, spatial_dims: int) -> Kernel:
+        """The kernel of an eval-mode BatchNorm: `scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`.
+
+        Refused when the BN is in training mode or keeps no running statistics, because then it
+        normalizes with the statistics of each batch and is not a fixed affine map.
+        """
+        if bn.training:
+            raise FusionRefused(
+                Reason.BN_TRAINING, "this BatchNorm is in training mode; call .eval() on it (or the whole model) first"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise FusionRefused(
+                Reason.NO_RUNNING_STATS,
+                "this BatchNorm has track_running_stats=False, so it normalizes with batch statistics even in eval mode",
+            )
+        inv_std = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+        gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(inv_std)
+        beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(inv_std)
+        scale = gamma * inv_std
+        kernel = cls.affine(scale, beta - bn.running_mean.detach().to(torch.float64) * scale, spatial_dims)
+        return replace(kernel, dtype=bn.running_var.dtype)
+
+    @classmethod
+    def identity(
+        cls,
+        channels: int,
+        spatial_dims: int,
+        *,
+        groups: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Kernel:
+        """`y = x` on `channels` channels, written with `groups` groups (default: depthwise)."""
+        ones = torch.ones(channels, dtype=torch.float64, device=device)
+        kernel = replace(cls.affine(ones, torch.zeros_like(ones), spatial_dims), dtype=dtype)
+        return kernel.regrouped(groups or channels)
+
+    # ------------------------------------------------------------------- properties
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True for a 1x..x1 kernel with stride 1 and no padding: it maps each position on its own."""
+        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and not any(self.padding)
+
+    @property
+    def is_channelwise(self) -> bool:
+        """True for a per-channel affine map `y[c] = s[c] x[c] + t[c]` (a pointwise depthwise kernel)."""
+        return self.is_pointwise and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per output position."""
+        return self.weight.numel()
+
+    @property
+    def params(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+    # ------------------------------------------------------------------- algebra
+
+    def then(self, after: Kernel) -> Kernel:
+        """The single kernel computing `after(self(x))`.
+
+        Taps compose as offsets add: tap `t` of self and tap `u` of after meet at input offset
+        `self.dilation * t + self.stride * after.dilation * u`, so the composed kernel has stride
+        `self.stride * after.stride` and bias `after.bias + sum(after.weight) @ self.bias`.
+
+        Exact when `after` adds no padding (it only reads outputs self really computed), or when
+        self is pointwise and commutes with the padding: always for reflect/replicate/circular
+        padding, and for zero padding only if self maps zero to zero (no bias). Otherwise
+        `after` would read zeros where the composed kernel reads self's bias: `border not exact`.
+        """
+        _check_same_dims(self, after)
+        if self.out_channels != after.in_channels:
+            raise FusionRefused(
+                Reason.GEOMETRY, f"{self.out_channels} channels feed a kernel expecting {after.in_channels}"
+            )
+        if not any(after.padding):
+            padding, padding_mode = self.padding, self.padding_mode
+        elif self.is_pointwise and (after.padding_mode != "zeros" or not self.bias.any()):
+            padding, padding_mode = after.padding, after.padding_mode
+        else:
+            raise FusionRefused(
+                Reason.BORDER_NOT_EXACT,
+                f"the second kernel pads its input with {after.padding_mode} by {after.padding}, but the first "
+                "kernel's output there would not be what that padding assumes (pad explicitly before the second "
+                "kernel with the first one's border value, or fuse only unpadded chains)",
+            )
+        if after.is_channelwise:  # a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t
+            scale = after.weight.reshape(-1)
+            return replace(
+                self,
+                weight=self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1)),
+                bias=self.bias * scale + after.bias,
+                dtype=torch.promote_types(self.dtype, after.dtype),
+            )
+        groups = math.gcd(self.groups, after.groups)
+        first, second = self.regrouped(groups), after.regrouped(groups)
+        size, dilation, starts, steps = [], [], [], []
+        for k1, s1, d1, k2, d2 in zip(self.kernel_size, self.stride, self.dilation, after.kernel_size, after.dilation):
+            lattice = math.gcd(d1 if k1 > 1 else 0, s1 * d2 if k2 > 1 else 0) or 1
+            size.append((d1 * (k1 - 1) + s1 * d2 * (k2 - 1)) // lattice + 1)
+            dilation.append(lattice)
+            starts.append(s1 * d2 // lattice)
+            steps.append(d1 // lattice)
+        w1 = first.weight.view(groups, -1, *first.weight.shape[1:])
+        w2 = second.weight.view(groups, -1, *second.weight.shape[1:])
+        weight = w1.new_zeros(groups, w2.shape[1], w1.shape[2], *size)
+        for taps in product(*(range(k) for k in after.kernel_size)):
+            window = tuple(
+                slice(start * u, start * u + step * (k1 - 1) + 1, step)
+                for start, step, u, k1 in zip(starts, steps, taps, self.kernel_size)
+            )
+            weight[(..., *window)] += torch.einsum("gom,gmi...->goi...", w2[(..., *taps)], w1)
+        bias = second.bias + torch.einsum("gom...,gm->go", w2, first.bias.view(groups, -1)).reshape(-1)
+        return Kernel(
+            weight=weight.reshape(after.out_channels, -1, *size),
+            bias=bias,
+            stride=tuple(s1 * s2 for s1, s2 in zip(self.stride, after.stride)),
+            padding=padding,
+            dilation=tuple(dilation),
+            groups=groups,
+            padding_mode=padding_mode,
+            dtype=torch.promote_types(self.dtype, after.dtype),
+        )
+
+    def __add__(self, other: Kernel) -> Kernel:
+        """The single kernel computing `self(x) + other(x)`: both embedded into a common geometry, then summed.
+
+        Exact when both read the same input with the same stride and their outputs line up pixel
+        for pixel (the same centre in every dimension, so 1x1, 1xK, Kx1 and dilated kernels sit
+        inside the covering KxK), and their padding modes agree wherever they pad at all.
+        """
+        a, b = aligned([self, other])
+        groups = math.gcd(a.groups, b.groups)
+        a, b = a.regrouped(groups), b.regrouped(groups)
+        return replace(
+            a, weight=a.weight + b.weight, bias=a.bias + b.bias, dtype=torch.promote_types(a.dtype, b.dtype)
+        )
+
+    def regrouped(self, groups: int) -> Kernel:
+        """The same map written with `groups` groups (a divisor of self.groups): each new group is block diagonal."""
+        if groups == self.groups:
+            return self
+        if self.groups % groups:
+            raise ValueError(f"cannot regroup a kernel with {self.groups} groups into {groups}")
+        ratio = self.groups // groups
+        out_per_group, in_per_group = self.out_channels // self.groups, self.weight.shape[1]
+        grouped = self.weight.view(groups, ratio, out_per_group, in_per_group, *self.kernel_size)
+        dense = grouped.new_zeros(groups, ratio, out_per_group, ratio, in_per_group, *self.kernel_size)
+        torch.diagonal(dense, dim1=1, dim2=3).copy_(grouped.movedim(1, -1))
+        weight = dense.reshape(self.out_channels, ratio * in_per_group, *self.kernel_size)
+        return replace(self, weight=weight, groups=groups)
+
+    def embedded(self, padding: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> Kernel:
+        """The same map on a larger grid of taps: zeros everywhere but where self's taps fall.
+
+        Tap `t` of self reads input offset `dilation * t - padding`; in the new geometry that
+        offset is tap `(self.dilation * t - self.padding + padding) / dilation`.
+        """
+        if (padding, kernel_size, dilation) == (self.padding, self.kernel_size, self.dilation):
+            return self
+        weight = self.weight.new_zeros(*self.weight.shape[:2], *kernel_size)
+        window = []
+        for k, p, d, new_p, new_d in zip(self.kernel_size, self.padding, self.dilation, padding, dilation):
+            start, step = (new_p - p) // new_d, d // new_d
+            window.append(slice(start, start + step * (k - 1) + 1, step))
+        weight[(..., *window)] = self.weight
+        return replace(self, weight=weight, padding=padding, dilation=dilation)
+
+    # ------------------------------------------------------------------- use
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Apply the kernel to `x` in float64 (a reference for tests; deployment uses `to_module`)."""
+        conv = getattr(F, f"conv{self.spatial_dims}d")
+        x = x.to(torch.float64)
+        padding: tuple[int, ...] | int = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
+            padding = 0
+        return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def to_module(self) -> nn.Module:
+        """An `nn.ConvNd` computing this kernel, in the original dtype, on the kernel's device."""
+        conv = nn.utils.skip_init(
+            _CONV_CLASSES[self.spatial_dims],
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            conv.bias.copy_(self.bias)
+        return conv
+
+
+def aligned(kernels: list[Kernel]) -> list[Kernel]:
+    """The kernels embedded into the smallest common geometry that holds all their taps.
+
+    Kernel i reads offsets `-padding_i + dilation_i * t` for t < size_i, so its first and last
+    offsets `lo_i, hi_i` fix its output grid. Outputs align pixel for pixel iff strides match and
+    `lo_i + hi_i` (twice the centre) is the same for all; the common kernel then spans
+    `min lo_i .. max hi_i` on the coarsest lattice holding every tap.
+    """
+    first = kernels[0]
+    for other in kernels[1:]:
+        _check_same_dims(first, other)
+        if (other.in_channels, other.out_channels) != (first.in_channels, first.out_channels):
+            raise FusionRefused(
+                Reason.GEOMETRY,
+                f"branches map {first.in_channels}->{first.out_channels} and "
+                f"{other.in_channels}->{other.out_channels} channels",
+            )
+        if other.stride != first.stride:
+            raise FusionRefused(Reason.STRIDE, f"branches have strides {first.stride} and {other.stride}")
+    modes = {k.padding_mode for k in kernels if any(k.padding)}
+    if len(modes) > 1:
+        raise FusionRefused(Reason.PADDING_MODE, f"branches pad with different modes: {sorted(modes)}")
+    padding_mode = modes.pop() if modes else "zeros"
+    padding, size, dilation = [], [], []
+    for dim in range(first.spatial_dims):
+        offsets = [
+            [-k.padding[dim] + k.dilation[dim] * t for t in range(k.kernel_size[dim])] for k in kernels
+        ]
+        centres = {o[0] + o[-1] for o in offsets}
+        if len(centres) > 1:
+            raise FusionRefused(
+                Reason.MISALIGNED,
+                f"in spatial dim {dim} the branches are centred at different offsets "
+                f"({sorted(c / 2 for c in centres)}), so their outputs do not line up pixel for pixel",
+            )
+        low, high = min(o[0] for o in offsets), max(o[-1] for o in offsets)
+        lattice = math.gcd(*(t - low for o in offsets for t in o)) or 1
+        padding.append(-low)
+        size.append((high - low) // lattice + 1)
+        dilation.append(lattice)
+    return [
+        replace(k.embedded(tuple(padding), tuple(size), tuple(dilation)), padding_mode=padding_mode) for k in kernels
+    ]
+
+
+def _check_same_dims(a: Kernel, b: Kernel) -> None:
+    if a.spatial_dims != b.spatial_dims:
+        raise FusionRefused(
+            Reason.GEOMETRY, f"a {a.spatial_dims}-d kernel cannot combine with a {b.spatial_dims}-d kernel"
+        )
+
+
+def _expand(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(value) if len(value) == dims else tuple(value) * dims
+
+
+def _resolve_padding(
+    padding: int | str | tuple[int, ...], size: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...]:
+    if padding == "valid":
+        return (0,) * len(size)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(size, dilation)]
+        if any(t % 2 for t in total):
+            raise FusionRefused(
+                Reason.GEOMETRY, f"padding='same' with kernel {size} pads asymmetrically, which nn.ConvNd cannot express"
+            )
+        return tuple(t // 2 for t in total)
+    return _expand(padding, len(size))
