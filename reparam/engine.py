@@ -96,16 +96,19 @@ class Engine:
         """Fuse `gm` in place to a fixpoint and return what was done."""
         _drop_noops(gm)
         fusions: list[Fusion] = []
+        refusals: list[Refusal] | None = None
         while True:
             ctx = self._annotate(gm)
             new_convs = self._materialize(gm, ctx)
             gm.delete_all_unused_submodules()
             fusions += [_name(gm, new) for new in new_convs]
+            if refusals is None:  # later passes restate them in terms of the new convs
+                refusals = ctx.refusals
             if not new_convs:
                 break
         gm.graph.lint()
         gm.recompile()
-        return FuseReport(fusions, ctx.refusals)
+        return FuseReport(fusions, refusals)
 
     # ---------------------------------------------------------------- annotate
 
