@@ -1,7 +1,7 @@
 """reparam: fuse training-time multi-branch networks into plain convolutions, exactly.
 
-    fused = reparam.fuse(model.eval())
-    fused, report = reparam.fuse_with_report(model.eval())
+fused = reparam.fuse(model.eval())
+fused, report = reparam.fuse_with_report(model.eval())
 """
 
 from . import blocks

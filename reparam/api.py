@@ -5,18 +5,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch.fx
 from torch import nn
 from torch.fx import GraphModule
 
 from .engine import Engine
-from .errors import NotTraceableError, TrainingModeError
+from .errors import TrainingModeError
 from .report import FuseReport
 from .rules import Rule
+from .tracing import trace
 from .transforms import BUILTIN_RULES
 
 
-def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES) -> GraphModule:
+def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costlier: bool = False) -> GraphModule:
     """Return a copy of `model` whose re-parameterizable subgraphs are single convolutions.
 
     The model must be in eval mode. It is traced with torch.fx; every linear region (conv,
@@ -32,13 +32,19 @@ def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES) -> GraphMod
         >>> [type(m).__name__ for m in fused.modules()][1:]
         ['Module', 'Conv2d', 'ReLU']
 
+    `rules` chooses the rules that run (default: all built-in transforms). `allow_costlier`
+    fuses every exact region into one conv even where that costs more MACs or parameters than
+    the region as written (an Inception-style concat of 1x1/3x3/5x5 branches becomes one 5x5
+    conv, which is slower); by default such regions keep their cheaper form and the report
+    says `would cost more`.
+
     See `fuse_with_report` for what was fused and what was refused, and why.
     """
-    return fuse_with_report(model, rules=rules)[0]
+    return fuse_with_report(model, rules=rules, allow_costlier=allow_costlier)[0]
 
 
 def fuse_with_report(
-    model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES
+    model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costlier: bool = False
 ) -> tuple[GraphModule, FuseReport]:
     """`fuse`, also returning the `FuseReport`: each fusion, and each refusal with its reason."""
     if model.training:
@@ -46,12 +52,6 @@ def fuse_with_report(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics and no fusion is "
             "exact; call model.eval() before reparam.fuse(model)"
         )
-    working = copy.deepcopy(model)
-    try:
-        gm = torch.fx.symbolic_trace(working)
-    except Exception as error:
-        raise NotTraceableError(
-            f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}"
-        ) from error
-    report = Engine(rules).run(gm)
+    gm = trace(copy.deepcopy(model), rules)
+    report = Engine(rules, allow_costlier).run(gm)
     return gm, report

@@ -19,12 +19,27 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from .errors import FusionRefused, Reason, RuleError
-from .region import Branches, Chain, Cost, Fuse, Keep, Leaf, PassThrough, Plan, Region, Add, Steps
-from .region import fuses_anything, original_cost, plan
+from .region import (
+    Add,
+    Chain,
+    Concat,
+    Cost,
+    Fuse,
+    Keep,
+    Leaf,
+    PassThrough,
+    Plan,
+    Region,
+    Steps,
+    fuses_anything,
+    original_cost,
+    plan,
+)
 from .report import FuseReport, Fusion, Refusal
 from .rules import Anchor, Rule
 
@@ -86,7 +101,8 @@ class _NewConv:
 class Engine:
     """Runs a sequence of rules over GraphModules. Earlier rules win when several share an anchor."""
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(self, rules: Sequence[Rule], allow_costlier: bool = False) -> None:
+        self._allow_costlier = allow_costlier
         self._index: dict[Anchor, list[Rule]] = defaultdict(list)
         for rule in rules:
             for anchor in rule.anchors:
@@ -122,7 +138,9 @@ class Engine:
                     ctx.refuse(rule.name, [node], refusal)
                     region = None
                 except Exception as error:
-                    raise RuleError(f"rule {rule.name!r} raised {type(error).__name__} on node {node.name}: {error}") from error
+                    raise RuleError(
+                        f"rule {rule.name!r} raised {type(error).__name__} on node {node.name}: {error}"
+                    ) from error
                 if region is not None:
                     ctx.regions[node] = region
                     break
@@ -138,7 +156,7 @@ class Engine:
         outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions)]
         for out in outputs:
             region = ctx.regions[out]
-            chosen, cost = plan(region)
+            chosen, cost = plan(region, self._allow_costlier)
             if not isinstance(chosen, Fuse) and len(list(region.leaves())) > 1:
                 _refuse_as_dearer(ctx, region, cost)
             if not fuses_anything(chosen):
@@ -173,6 +191,9 @@ class Engine:
             for term in terms[1:]:
                 total = graph.call_function(operator.add, (total, term))
             return total
+        if isinstance(p, Concat):
+            terms = [self._emit(gm, t, source, replaced, new_convs) for t in p.terms]
+            return graph.call_function(torch.cat, (terms,), {"dim": 1})
         name = f"{_TEMP_PREFIX}{len(new_convs)}_{id(p)}"
         gm.add_submodule(name, p.region.kernel.to_module())
         node = graph.call_module(name, (source,))

@@ -112,7 +112,7 @@ class Kernel:
         if bn.running_mean is None or bn.running_var is None:
             raise FusionRefused(
                 Reason.NO_RUNNING_STATS,
-                "this BatchNorm has track_running_stats=False, so it normalizes with batch statistics even in eval mode",
+                "this BatchNorm has track_running_stats=False: it normalizes with batch statistics even in eval mode",
             )
         inv_std = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
         gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(inv_std)
@@ -135,6 +135,30 @@ class Kernel:
         ones = torch.ones(channels, dtype=torch.float64, device=device)
         kernel = replace(cls.affine(ones, torch.zeros_like(ones), spatial_dims), dtype=dtype)
         return kernel.regrouped(groups or channels)
+
+    @classmethod
+    def avg_pool(
+        cls,
+        channels: int,
+        spatial_dims: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] | None = None,
+        padding: int | tuple[int, ...] = 0,
+        divisor: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Kernel:
+        """Average pooling that counts padded zeros (`count_include_pad=True`): weights `1 / divisor`.
+
+        The divisor defaults to the window size, as in `nn.AvgPoolNd`; the stride to the window.
+        """
+        size = _expand(kernel_size, spatial_dims)
+        weight = torch.full(
+            (channels, 1, *size), 1.0 / (divisor or math.prod(size)), dtype=torch.float64, device=device
+        )
+        kernel = cls.conv(weight, None, size if stride is None else stride, padding, groups=channels)
+        return replace(kernel, dtype=dtype)
 
     # ------------------------------------------------------------------- properties
 
@@ -248,12 +272,14 @@ class Kernel:
         for pixel (the same centre in every dimension, so 1x1, 1xK, Kx1 and dilated kernels sit
         inside the covering KxK), and their padding modes agree wherever they pad at all.
         """
+        if self.out_channels != other.out_channels:
+            raise FusionRefused(
+                Reason.GEOMETRY, f"branches with {self.out_channels} and {other.out_channels} output channels"
+            )
         a, b = aligned([self, other])
         groups = math.gcd(a.groups, b.groups)
         a, b = a.regrouped(groups), b.regrouped(groups)
-        return replace(
-            a, weight=a.weight + b.weight, bias=a.bias + b.bias, dtype=torch.promote_types(a.dtype, b.dtype)
-        )
+        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dtype=torch.promote_types(a.dtype, b.dtype))
 
     def regrouped(self, groups: int) -> Kernel:
         """The same map written with `groups` groups (a divisor of self.groups): each new group is block diagonal."""
@@ -319,6 +345,24 @@ class Kernel:
         return conv
 
 
+def concatenated(kernels: list[Kernel]) -> Kernel:
+    """The single kernel computing `torch.cat([k(x) for k in kernels], dim=1)`: output channels stacked.
+
+    Exact under the same condition as a sum (same input, stride and centre, see `aligned`).
+    The stacked kernel has one group: the branches' groups do not interleave.
+    """
+    parts = [k.regrouped(1) for k in aligned(kernels)]
+    dtype = parts[0].dtype
+    for part in parts[1:]:
+        dtype = torch.promote_types(dtype, part.dtype)
+    return replace(
+        parts[0],
+        weight=torch.cat([k.weight for k in parts]),
+        bias=torch.cat([k.bias for k in parts]),
+        dtype=dtype,
+    )
+
+
 def aligned(kernels: list[Kernel]) -> list[Kernel]:
     """The kernels embedded into the smallest common geometry that holds all their taps.
 
@@ -330,11 +374,9 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     first = kernels[0]
     for other in kernels[1:]:
         _check_same_dims(first, other)
-        if (other.in_channels, other.out_channels) != (first.in_channels, first.out_channels):
+        if other.in_channels != first.in_channels:
             raise FusionRefused(
-                Reason.GEOMETRY,
-                f"branches map {first.in_channels}->{first.out_channels} and "
-                f"{other.in_channels}->{other.out_channels} channels",
+                Reason.GEOMETRY, f"branches read {first.in_channels} and {other.in_channels} input channels"
             )
         if other.stride != first.stride:
             raise FusionRefused(Reason.STRIDE, f"branches have strides {first.stride} and {other.stride}")
@@ -344,9 +386,7 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     padding_mode = modes.pop() if modes else "zeros"
     padding, size, dilation = [], [], []
     for dim in range(first.spatial_dims):
-        offsets = [
-            [-k.padding[dim] + k.dilation[dim] * t for t in range(k.kernel_size[dim])] for k in kernels
-        ]
+        offsets = [[-k.padding[dim] + k.dilation[dim] * t for t in range(k.kernel_size[dim])] for k in kernels]
         centres = {o[0] + o[-1] for o in offsets}
         if len(centres) > 1:
             raise FusionRefused(
@@ -386,7 +426,8 @@ def _resolve_padding(
         total = [d * (k - 1) for k, d in zip(size, dilation)]
         if any(t % 2 for t in total):
             raise FusionRefused(
-                Reason.GEOMETRY, f"padding='same' with kernel {size} pads asymmetrically, which nn.ConvNd cannot express"
+                Reason.GEOMETRY,
+                f"padding='same' with kernel {size} pads asymmetrically, which nn.ConvNd cannot express",
             )
         return tuple(t // 2 for t in total)
     return _expand(padding, len(size))

@@ -20,7 +20,7 @@ from fractions import Fraction
 from torch.fx import Node
 
 from .errors import FusionRefused
-from .kernel import Kernel
+from .kernel import Kernel, concatenated
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,17 @@ class Branches(Region):
             yield from part.leaves()
 
 
+@dataclass(frozen=True, eq=False)
+class Stacked(Region):
+    """Parts applied to the same root, their outputs concatenated along channels."""
+
+    parts: tuple[Region, ...]
+
+    def leaves(self) -> Iterator[Leaf]:
+        for part in self.parts:
+            yield from part.leaves()
+
+
 # ------------------------------------------------------------------------ building
 
 
@@ -122,7 +133,8 @@ def chain(first: Region, second: Region) -> Chain:
     """`second` applied to the output of `first`. Raises `FusionRefused` if that is not one exact kernel."""
     kernel = first.kernel.then(second.kernel)
     parts = _flatten(Chain, [first, second])
-    return Chain(first.root, kernel, first.nodes | second.nodes, first.rules | second.rules, parts)
+    rules = first.rules | second.rules | (set() if second.kernel.is_channelwise else {"sequential"})
+    return Chain(first.root, kernel, first.nodes | second.nodes, frozenset(rules), parts)
 
 
 def branches(parts: list[Region], sum_nodes: list[Node], rule: str) -> Branches:
@@ -133,6 +145,14 @@ def branches(parts: list[Region], sum_nodes: list[Node], rule: str) -> Branches:
     nodes = frozenset(sum_nodes).union(*(p.nodes for p in parts))
     rules = frozenset({rule}).union(*(p.rules for p in parts))
     return Branches(parts[0].root, kernel, nodes, rules, _flatten(Branches, parts))
+
+
+def stacked(parts: list[Region], cat_node: Node, rule: str) -> Stacked:
+    """The channel concatenation of `parts`, all rooted at the same tensor. May raise `FusionRefused`."""
+    kernel = concatenated([p.kernel for p in parts])
+    nodes = frozenset({cat_node}).union(*(p.nodes for p in parts))
+    rules = frozenset({rule}).union(*(p.rules for p in parts))
+    return Stacked(parts[0].root, kernel, nodes, rules, _flatten(Stacked, parts))
 
 
 def _flatten(kind: type, parts: list[Region]) -> tuple[Region, ...]:
@@ -174,11 +194,18 @@ class Add:
 
 
 @dataclass(frozen=True)
+class Concat:
+    """Apply plans to the same input and concatenate their outputs along channels."""
+
+    terms: tuple[Plan, ...]
+
+
+@dataclass(frozen=True)
 class PassThrough:
     """The input itself."""
 
 
-Plan = Keep | Fuse | Steps | Add | PassThrough
+Plan = Keep | Fuse | Steps | Add | Concat | PassThrough
 
 
 def original_cost(region: Region) -> Cost:
@@ -186,14 +213,17 @@ def original_cost(region: Region) -> Cost:
     return _plan(region, allow_fusion=False)[1]
 
 
-def plan(region: Region) -> tuple[Plan, Cost]:
+def plan(region: Region, allow_costlier: bool = False) -> tuple[Plan, Cost]:
     """The cheapest way to emit `region`, never costing more than the region as written.
 
     A part becomes one conv only when that conv costs no more (MACs and parameters) than the
     best way to compute its pieces; chains are split where that is cheapest (dynamic
     programming over their segments), so a depthwise conv followed by a pointwise one keeps
-    both convs but still absorbs each one's BatchNorm.
+    both convs but still absorbs each one's BatchNorm. With `allow_costlier`, a region of more
+    than one layer is always one conv.
     """
+    if allow_costlier and not isinstance(region, Leaf):
+        return Fuse(region), Cost.of(region.kernel)
     return _plan(region, allow_fusion=True)
 
 
@@ -212,6 +242,13 @@ def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
         if allow_fusion and fused.no_more_than(written):
             return Fuse(region), fused
         return Add(tuple(p for p, _ in terms)), written
+    if isinstance(region, Stacked):
+        terms = [_plan(part, allow_fusion) for part in region.parts]
+        written = sum((cost for _, cost in terms), FREE)
+        fused = Cost.of(region.kernel)
+        if allow_fusion and fused.no_more_than(written):
+            return Fuse(region), fused
+        return Concat(tuple(p for p, _ in terms)), written
     raise TypeError(f"unknown region type {type(region).__name__}")
 
 
@@ -262,6 +299,6 @@ def fuses_anything(p: Plan) -> bool:
         return True
     if isinstance(p, Steps):
         return any(fuses_anything(s) for s in p.steps)
-    if isinstance(p, Add):
+    if isinstance(p, Add | Concat):
         return any(fuses_anything(t) for t in p.terms)
     return False

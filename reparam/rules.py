@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from .errors import FusionRefused
 from .kernel import Kernel
-from .region import Region, chain, leaf
+from .region import Region, chain, identity, leaf
 
 if TYPE_CHECKING:
     from .engine import Context
@@ -59,17 +59,37 @@ class LinearLayer:
     def annotate(self, node: Node, ctx: Context) -> Region | None:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
             return None
-        source = node.args[0]
         try:
-            this = leaf(node, source, self.kernel(ctx.module(node)), self.name)
+            kernel = self.kernel(ctx.module(node))
         except FusionRefused as refusal:
             ctx.refuse(self.name, [node], refusal)
             return None
-        upstream = ctx.absorb(source, node)
-        if upstream is None:
-            return this
-        try:
-            return chain(upstream, this)
-        except FusionRefused as refusal:
-            ctx.refuse(self.name, [source, node], refusal)
-            return this
+        return extend(node, node.args[0], kernel, self.name, ctx, ctx.absorb(node.args[0], node))
+
+
+def extend(node: Node, source: Node, kernel: Kernel, rule: str, ctx: Context, upstream: Region | None) -> Region:
+    """`node` computes `kernel(source)`: fold it into the region computing `source` when that is exact."""
+    this = leaf(node, source, kernel, rule)
+    if upstream is None:
+        return this
+    try:
+        return chain(upstream, this)
+    except FusionRefused as refusal:
+        ctx.refuse(rule, [source, node], refusal)
+        return this
+
+
+def same_input_branches(node: Node, operands: list[Node], ctx: Context) -> list[Region] | None:
+    """The operands of `node` as regions of one common tensor, or None if they have none.
+
+    An operand is either absorbed (the region computing it, if `node` is its only user) or the
+    common tensor itself, which becomes an identity branch shaped like the other branches.
+    """
+    upstream = [ctx.absorb(op, node) for op in operands]
+    for root in dict.fromkeys(r.root for r in upstream if r is not None):
+        parts = [r if r is not None and r.root is root else None for r in upstream]
+        if any(p is None and op is not root for p, op in zip(parts, operands)):
+            continue
+        like = next(p.kernel for p in parts if p is not None)
+        return [p or identity(root, like) for p in parts]
+    return None

@@ -60,7 +60,13 @@ def test_new_nodes_carry_provenance_and_names_follow_the_blocks():
     fused, report = reparam.fuse_with_report(block())
     new = [n for n in fused.graph.nodes if "reparam" in n.meta]
     assert [n.target for n in new] == ["0.conv", "1.conv"] == [f.module for f in report.fusions]
-    assert new[0].meta["reparam"]["sources"] == ["0.dense.conv", "0.dense.bn", "0.pointwise.conv", "0.pointwise.bn", "0.identity"]
+    assert new[0].meta["reparam"]["sources"] == [
+        "0.dense.conv",
+        "0.dense.bn",
+        "0.pointwise.conv",
+        "0.pointwise.bn",
+        "0.identity",
+    ]
     assert set(new[0].meta["reparam"]["rules"]) == {"multiscale", "conv_bn", "branch_sum"}
     assert "0.conv" in str(report) and "0.identity" in str(report)
 
@@ -84,5 +90,8 @@ def test_rules_can_be_chosen():
     fused = reparam.fuse(model, rules=(reparam.transforms.CONV, reparam.transforms.BATCHNORM))
     # without the sum rule, each branch's conv and BN fold but the branches stay apart
     assert convs(fused) == 4
-    assert_same_function(model.double(), reparam.fuse(model.double(), rules=reparam.BUILTIN_RULES[:2]),
-                         torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    assert_same_function(
+        model.double(),
+        reparam.fuse(model.double(), rules=reparam.BUILTIN_RULES[:2]),
+        torch.randn(1, 4, 5, 5, dtype=torch.float64),
+    )

@@ -27,7 +27,8 @@ import torch
 from torch.fx import Node
 
 from ..errors import FusionRefused
-from ..region import Region, branches, identity
+from ..region import Region, branches
+from ..rules import same_input_branches
 
 if TYPE_CHECKING:
     from ..engine import Context
@@ -41,20 +42,14 @@ class BranchSum:
 
     def annotate(self, node: Node, ctx: Context) -> Region | None:
         operands = _operands(node)
-        if operands is None:
+        parts = None if operands is None else same_input_branches(node, operands, ctx)
+        if parts is None:
             return None
-        upstream = [ctx.absorb(op, node) for op in operands]
-        for root in dict.fromkeys(r.root for r in upstream if r is not None):
-            parts = [r if r is not None and r.root is root else None for r in upstream]
-            if any(p is None and op is not root for p, op in zip(parts, operands)):
-                continue
-            like = next(p.kernel for p in parts if p is not None)
-            try:
-                return branches([p or identity(root, like) for p in parts], [node], self.name)
-            except FusionRefused as refusal:
-                ctx.refuse(self.name, [node], refusal)
-                return None
-        return None
+        try:
+            return branches(parts, [node], self.name)
+        except FusionRefused as refusal:
+            ctx.refuse(self.name, [node], refusal)
+            return None
 
 
 def _operands(node: Node) -> list[Node] | None:

@@ -27,6 +27,4 @@ from ..rules import LinearLayer
 
 _SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
-BATCHNORM = LinearLayer(
-    "conv_bn", tuple(_SPATIAL_DIMS), lambda bn: Kernel.from_batchnorm(bn, _SPATIAL_DIMS[type(bn)])
-)
+BATCHNORM = LinearLayer("conv_bn", tuple(_SPATIAL_DIMS), lambda bn: Kernel.from_batchnorm(bn, _SPATIAL_DIMS[type(bn)]))

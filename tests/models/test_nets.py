@@ -47,9 +47,7 @@ def rms_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("groups", [2, 4])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_grouped_and_strided_repvgg_blocks(groups, stride):
-    model = nn.Sequential(
-        RepVGGBlock(8, 16, stride=stride, groups=groups), RepVGGBlock(16, 16, groups=groups)
-    )
+    model = nn.Sequential(RepVGGBlock(8, 16, stride=stride, groups=groups), RepVGGBlock(16, 16, groups=groups))
     model = randomize_batchnorm(model, seed=groups).double().eval()
     fused = reparam.fuse(model)
     assert (convs(fused), batchnorms(fused)) == (2, 0)

@@ -119,9 +119,11 @@ def test_different_padding_modes_are_refused():
 
 
 def test_same_nonzero_padding_mode_fuses():
-    model = Pair(
-        nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), nn.Conv2d(3, 3, 1, padding_mode="circular")
-    ).double().eval()
+    model = (
+        Pair(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), nn.Conv2d(3, 3, 1, padding_mode="circular"))
+        .double()
+        .eval()
+    )
     fused = reparam.fuse(model)
     assert convs(fused) == 1 and fused.get_submodule("conv").padding_mode == "circular"
     assert_same_function(model, fused, torch.randn(1, 3, 5, 6, dtype=torch.float64))

@@ -1,0 +1,98 @@
+"""V. Average pooling as a depthwise conv.
+
+An average pool with window k, stride s and padding p that counts padded zeros is the
+depthwise conv
+
+    W[c, 0, t] = 1 / divisor  for every tap t,   divisor = prod(k)  (or divisor_override),
+
+so it folds into the linear region feeding it (III) and sums with other branches (II), as in
+DBB's 1x1 -> BN-and-pad -> avg-pool -> BN branch. Recognised as `nn.AvgPool1d/2d/3d` and
+`F.avg_pool1d/2d/3d`.
+
+Exact condition: every window divides by the same number. Refused (`border not exact`) with
+`count_include_pad=False` and padding (border windows divide by fewer taps), and with
+`ceil_mode=True` and a stride above 1 (for some input sizes it adds a partial last window).
+The pool needs a region upstream to know its channel count; a pool of the raw input is left
+as written.
+
+Paper: X. Ding et al., "Diverse Branch Block: Building a Convolution as an Inception-like
+Unit", CVPR 2021 (transform V).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from ..errors import FusionRefused, Reason
+from ..kernel import Kernel
+from ..region import Region
+from ..rules import extend
+
+if TYPE_CHECKING:
+    from ..engine import Context
+
+_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+_ORDER = ["input", "kernel_size", *_DEFAULTS]
+
+
+class AvgPool:
+    """The average-pool rule: module and functional forms."""
+
+    name = "avg_pool"
+    anchors = tuple(("call_module", t) for t in _MODULES) + tuple(("call_function", f) for f in _FUNCTIONS)
+
+    def annotate(self, node: Node, ctx: Context) -> Region | None:
+        if node.op == "call_module":
+            module = ctx.module(node)
+            dims = _MODULES[type(module)]
+            options = {name: getattr(module, name, default) for name, default in _DEFAULTS.items()}
+            options["kernel_size"] = module.kernel_size
+            source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        else:
+            dims = _FUNCTIONS[node.target]
+            options = {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
+            source = options.pop("input")
+        if not isinstance(source, Node):
+            return None
+        upstream = ctx.absorb(source, node)
+        if upstream is None:
+            return None
+        kernel = pool_kernel(upstream.kernel, dims, options)
+        return extend(node, source, kernel, self.name, ctx, upstream)
+
+
+def pool_kernel(upstream: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
+    """The depthwise kernel of an average pool over the output of `upstream`."""
+    padding, stride = options["padding"], options["stride"] or options["kernel_size"]
+    if options["divisor_override"] is None and not options["count_include_pad"] and _any(padding):
+        raise FusionRefused(
+            Reason.BORDER_NOT_EXACT,
+            "count_include_pad=False divides border windows by fewer taps, so the pool is not a convolution",
+        )
+    if options["ceil_mode"] and _any(stride, above=1):
+        raise FusionRefused(
+            Reason.BORDER_NOT_EXACT, "ceil_mode=True with stride > 1 adds a partial last window for some input sizes"
+        )
+    return Kernel.avg_pool(
+        upstream.out_channels,
+        dims,
+        options["kernel_size"],
+        stride,
+        padding,
+        options["divisor_override"],
+        dtype=upstream.dtype,
+        device=upstream.weight.device,
+    )
+
+
+def _any(value: int | tuple[int, ...] | list[int], above: int = 0) -> bool:
+    return any(v > above for v in ([value] if isinstance(value, int) else value))
+
+
+AVG_POOL = AvgPool()

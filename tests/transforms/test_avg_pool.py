@@ -1,0 +1,82 @@
+"""Transform V: average pooling as a depthwise conv."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reparam
+from reparam import Reason
+from reparam.blocks import BNAndPad, randomize_batchnorm
+from tests.helpers import assert_same_function, batchnorms, convs
+
+
+class ConvPool(nn.Module):
+    """1x1 conv, BN-and-pad (when the pool does not pad itself), pool, BN: DBB's avg branch."""
+
+    def __init__(self, pool, bn_and_pad: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = BNAndPad(4, 1) if bn_and_pad else nn.Identity()
+        self.pool = pool
+        self.out_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.out_bn(self.pool(self.bn(self.conv(x))))
+
+
+POOLS = {
+    "module": nn.AvgPool2d(3, 2),
+    "functional": lambda x: F.avg_pool2d(x, 3, stride=2),
+    "stride defaults to window": nn.AvgPool2d(2),
+    "ceil_mode, stride 1": nn.AvgPool2d(3, 1, ceil_mode=True),
+}
+# a pool that pads itself zero-pads the bias-free 1x1's output: exact without BN-and-pad
+PADDED_POOLS = {
+    "padded, count_include_pad": nn.AvgPool2d(3, 1, padding=1),
+    "divisor_override": nn.AvgPool2d(3, 2, padding=1, count_include_pad=False, divisor_override=5),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS) + list(PADDED_POOLS))
+def test_pool_folds_into_the_branch(name):
+    model = ConvPool(POOLS[name]) if name in POOLS else ConvPool(PADDED_POOLS[name], bn_and_pad=False)
+    model = randomize_batchnorm(model).double().eval()
+    fused, report = reparam.fuse_with_report(model, allow_costlier=True)
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+    assert "avg_pool" in report.fusions[0].rules
+    for size in [(9, 9), (10, 7)]:
+        assert_same_function(model, fused, torch.randn(2, 3, *size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        pytest.param(nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), id="count_include_pad=False"),
+        pytest.param(nn.AvgPool2d(3, 2, ceil_mode=True), id="ceil_mode with stride 2"),
+    ],
+)
+def test_inexact_pools_are_refused(pool):
+    model = randomize_batchnorm(ConvPool(pool, bn_and_pad=False)).double().eval()
+    fused, report = reparam.fuse_with_report(model, allow_costlier=True)
+    [refusal] = report.refused(Reason.BORDER_NOT_EXACT)
+    assert refusal.rule == "avg_pool" and refusal.nodes == ("pool",)
+    assert any(isinstance(m, nn.AvgPool2d) for m in fused.modules())
+    for size in [(8, 8), (9, 7)]:
+        assert_same_function(model, fused, torch.randn(1, 3, *size, dtype=torch.float64))
+
+
+def test_padded_pool_after_bn_and_pad_is_refused():
+    # BN-and-pad already padded with the BN's border value; padding again with zeros is not exact
+    model = randomize_batchnorm(ConvPool(nn.AvgPool2d(3, 1, padding=1))).double().eval()
+    fused, report = reparam.fuse_with_report(model, allow_costlier=True)
+    assert [r.nodes for r in report.refused(Reason.BORDER_NOT_EXACT)] == [("bn", "pool")]
+    assert_same_function(model, fused, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+
+
+def test_pool_alone_is_dearer_and_kept():
+    # conv1x1 -> pool alone would become a dense 3x3: more MACs than the pair, so it is refused
+    model = randomize_batchnorm(ConvPool(nn.AvgPool2d(3, 1))).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert report.refused(Reason.WOULD_COST_MORE)
+    assert_same_function(model, fused, torch.randn(1, 3, 6, 6, dtype=torch.float64))
