@@ -4,29 +4,64 @@ fused = reparam.fuse(model.eval())
 fused, report = reparam.fuse_with_report(model.eval())
 """
 
-from . import blocks
+from . import blocks, patterns, transforms
 from .api import fuse, fuse_with_report
-from .errors import FusionRefused, NotTraceableError, Reason, ReparamError, RuleError, TrainingModeError
+from .errors import (
+    FusionRefused,
+    InvalidPatternError,
+    NotTraceableError,
+    Reason,
+    ReparamError,
+    RuleError,
+    RuleOverwriteWarning,
+    TrainingModeError,
+)
 from .kernel import Kernel
-from .report import FuseReport, Fusion, Refusal
-from .rules import LinearLayer, Rule
+from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
+from .registry import RuleSet, register, register_layer, register_replacement, rule_set
+from .report import FuseReport, Fusion, Refusal, Replacement
+from .rules import LinearLayer, PatternRule, ReplacementRule, Rule
 from .transforms import BUILTIN_RULES
 
 __all__ = [
+    "BN",
     "BUILTIN_RULES",
+    "Add",
+    "AnyOf",
+    "Call",
+    "Cat",
+    "Const",
+    "Conv",
     "FuseReport",
     "Fusion",
     "FusionRefused",
+    "InvalidPatternError",
     "Kernel",
+    "Linear",
     "LinearLayer",
+    "Match",
+    "Module",
+    "Mul",
     "NotTraceableError",
+    "PatternRule",
     "Reason",
     "Refusal",
     "ReparamError",
+    "Replacement",
+    "ReplacementRule",
     "Rule",
     "RuleError",
+    "RuleOverwriteWarning",
+    "RuleSet",
     "TrainingModeError",
+    "Var",
     "blocks",
     "fuse",
     "fuse_with_report",
+    "patterns",
+    "register",
+    "register_layer",
+    "register_replacement",
+    "rule_set",
+    "transforms",
 ]

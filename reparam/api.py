@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from torch import nn
 from torch.fx import GraphModule
 
 from .engine import Engine
 from .errors import TrainingModeError
+from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
 from .tracing import trace
-from .transforms import BUILTIN_RULES
 
 
-def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costlier: bool = False) -> GraphModule:
+def fuse(
+    model: nn.Module, *, rules: str | RuleSet | Iterable[Rule] = "default", allow_costlier: bool = False
+) -> GraphModule:
     """Return a copy of `model` whose re-parameterizable subgraphs are single convolutions.
 
     The model must be in eval mode. It is traced with torch.fx; every linear region (conv,
@@ -32,7 +34,8 @@ def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costl
         >>> [type(m).__name__ for m in fused.modules()][1:]
         ['Module', 'Conv2d', 'ReLU']
 
-    `rules` chooses the rules that run (default: all built-in transforms). `allow_costlier`
+    `rules` chooses the rules that run: a rule set's name (default: "default", the built-in
+    transforms and everything registered into it), a `RuleSet`, or rules in order. `allow_costlier`
     fuses every exact region into one conv even where that costs more MACs or parameters than
     the region as written (an Inception-style concat of 1x1/3x3/5x5 branches becomes one 5x5
     conv, which is slower); by default such regions keep their cheaper form and the report
@@ -44,7 +47,7 @@ def fuse(model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costl
 
 
 def fuse_with_report(
-    model: nn.Module, *, rules: Sequence[Rule] = BUILTIN_RULES, allow_costlier: bool = False
+    model: nn.Module, *, rules: str | RuleSet | Iterable[Rule] = "default", allow_costlier: bool = False
 ) -> tuple[GraphModule, FuseReport]:
     """`fuse`, also returning the `FuseReport`: each fusion, and each refusal with its reason."""
     if model.training:
@@ -52,6 +55,7 @@ def fuse_with_report(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics and no fusion is "
             "exact; call model.eval() before reparam.fuse(model)"
         )
-    gm = trace(copy.deepcopy(model), rules)
-    report = Engine(rules, allow_costlier).run(gm)
+    chosen = resolve(rules)
+    gm = trace(copy.deepcopy(model), chosen)
+    report = Engine(chosen, allow_costlier).run(gm)
     return gm, report

@@ -1,38 +1,41 @@
 """The engine: annotate linear regions on a torch.fx graph, then materialize them as convs.
 
-1. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
+Each pass:
+
+1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return.
+2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
    from the regions of its inputs when that composition is exact and the inputs have no other
    users.
-2. *Materialize.* A region whose value is needed outside itself is planned (`region.plan`) and,
+3. *Materialize.* A region whose value is needed outside itself is planned (`region.plan`) and,
    where that fuses anything, emitted before its output node; its old nodes are erased, unused
    modules deleted, and each new conv named after the layers it replaced.
 
-Passes repeat until one fuses nothing, so `fuse` of a fused graph changes nothing. Every new
+Passes repeat until one changes nothing, so `fuse` of a fused graph changes nothing. Every new
 node carries its provenance in `node.meta["reparam"]`.
 """
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .errors import FusionRefused, Reason, RuleError
+from .errors import FusionRefused, Reason, ReparamError, RuleError
+from .kernel import Kernel
 from .region import (
-    Add,
+    FREE,
+    AsWritten,
     Chain,
-    Concat,
     Cost,
     Fuse,
     Keep,
     Leaf,
-    PassThrough,
     Plan,
     Region,
     Steps,
@@ -40,19 +43,23 @@ from .region import (
     original_cost,
     plan,
 )
-from .report import FuseReport, Fusion, Refusal
-from .rules import Anchor, Rule
+from .report import FuseReport, Fusion, Refusal, Replacement
+from .rules import Anchor, LinearLayer, ReplacementRule, Rule
 
 _NOOP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_TEMP_PREFIX = "_reparam_fused_"
+_MOVES_DATA = (torch.cat, torch.concat, torch.concatenate)
+_TEMP_PREFIX = "_reparam_new_"
+_MAX_PASSES = 16
 
 
 class Context:
     """What rules see of the graph while annotating it."""
 
-    def __init__(self, gm: GraphModule) -> None:
+    def __init__(self, gm: GraphModule, index: dict[Anchor, list[Rule]]) -> None:
         self.regions: dict[Node, Region] = {}
         self.refusals: list[Refusal] = []
+        self._gm = gm
+        self._index = index
         self._modules = dict(gm.named_modules())
         self._shared_reported: set[Node] = set()
 
@@ -60,26 +67,64 @@ class Context:
         """The module a `call_module` node calls."""
         return self._modules[node.target]
 
-    def absorb(self, producer: Node, consumer: Node) -> Region | None:
-        """The region computing `producer`, if `consumer` may fold it in (it has no other user)."""
+    def anchor(self, node: Node) -> Anchor:
+        """The `(op, target)` rules are indexed by: the module's type for `call_module` nodes."""
+        if node.op == "call_module":
+            return (node.op, type(self.module(node)))
+        return (node.op, node.target)
+
+    def constant(self, value: Any) -> Any:
+        """A call argument as a constant: tensor attributes of the model fetched; computed values refused."""
+        if not isinstance(value, Node):
+            return value
+        if value.op == "get_attr":
+            owner: Any = self._gm
+            for part in str(value.target).split("."):
+                owner = getattr(owner, part)
+            return owner
+        raise FusionRefused(
+            Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
+        )
+
+    def absorbable(self, producer: Node, consumer: Node | None) -> Region | None:
+        """The region computing `producer`, if `consumer` is its only user."""
         region = self.regions.get(producer)
-        if region is None:
-            return None
-        if len(producer.users) > 1:
-            if producer not in self._shared_reported:
-                self._shared_reported.add(producer)
-                others = [describe(u) for u in producer.users if u is not consumer]
-                self.refusals.append(
-                    Refusal(
-                        "engine",
-                        Reason.SHARED_INTERMEDIATE,
-                        f"{describe(producer)} is also used by {', '.join(others)}; folding it into "
-                        f"{describe(consumer)} would change what they see, so it is fused on its own",
-                        (describe(producer), describe(consumer)),
-                    )
-                )
+        if region is None or consumer is None or set(producer.users) != {consumer}:
             return None
         return region
+
+    def absorb(self, producer: Node, consumer: Node) -> Region | None:
+        """`absorbable`, recording a `shared intermediate` refusal when other users prevent it."""
+        region = self.absorbable(producer, consumer)
+        if region is None and producer in self.regions and producer not in self._shared_reported:
+            self._shared_reported.add(producer)
+            others = [describe(u) for u in producer.users if u is not consumer]
+            self.refusals.append(
+                Refusal(
+                    "engine",
+                    Reason.SHARED_INTERMEDIATE,
+                    f"{describe(producer)} is also used by {', '.join(others)}; folding it into "
+                    f"{describe(consumer)} would change what they see, so it is fused on its own",
+                    (describe(producer), describe(consumer)),
+                )
+            )
+        return region
+
+    def layer_kernel(self, node: Node) -> Kernel:
+        """The kernel a layer rule gives `node`, which must be a call of a known linear layer."""
+        for rule in self._index.get(self.anchor(node), ()):
+            if isinstance(rule, LinearLayer):
+                return rule.kernel_of(node, self)
+        raise FusionRefused(Reason.GEOMETRY, f"no layer rule says what {describe(node)} computes")
+
+    def cost_as_written(self, node: Node, region_kernel: Kernel) -> Cost:
+        """What `node`, inside a region computing `region_kernel`, costs as written."""
+        if node.op == "call_function" and node.target in _MOVES_DATA:
+            return FREE
+        try:
+            return Cost.of(self.layer_kernel(node))
+        except FusionRefused:
+            return Cost.elementwise(region_kernel)
 
     def refuse(self, rule: str, nodes: Iterable[Node], refusal: FusionRefused) -> None:
         """Record that `rule` matched `nodes` but would not be exact."""
@@ -92,10 +137,10 @@ def describe(node: Node) -> str:
 
 
 @dataclass(frozen=True)
-class _NewConv:
+class _NewModule:
     node: Node
-    region: Region
-    before: Cost
+    preferred_name: str
+    sources: tuple[str, ...]
 
 
 class Engine:
@@ -111,36 +156,72 @@ class Engine:
     def run(self, gm: GraphModule) -> FuseReport:
         """Fuse `gm` in place to a fixpoint and return what was done."""
         _drop_noops(gm)
-        fusions: list[Fusion] = []
-        refusals: list[Refusal] | None = None
-        while True:
+        report = FuseReport()
+        for index in range(_MAX_PASSES):
+            replaced = self._replace(gm)
             ctx = self._annotate(gm)
-            new_convs = self._materialize(gm, ctx)
+            fused = self._materialize(gm, ctx)
             gm.delete_all_unused_submodules()
-            fusions += [_name(gm, new) for new in new_convs]
-            if refusals is None:  # later passes restate them in terms of the new convs
-                refusals = ctx.refusals
-            if not new_convs:
+            for new, region in fused:
+                module = _rename(gm, new)
+                report.fusions.append(_fusion(module, new, region))
+            for new, rule in replaced:
+                report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
+            if index == 0:  # later passes restate the same refusals in terms of the new convs
+                report.refusals = ctx.refusals
+            if not fused and not replaced:
                 break
+        else:
+            raise ReparamError(
+                f"rules were still rewriting the graph after {_MAX_PASSES} passes: does a replacement rule match "
+                "the module it returns?"
+            )
         gm.graph.lint()
         gm.recompile()
-        return FuseReport(fusions, refusals)
+        return report
+
+    # ---------------------------------------------------------------- replace
+
+    def _replace(self, gm: GraphModule) -> list[tuple[_NewModule, str]]:
+        ctx = Context(gm, self._index)
+        done: list[tuple[_NewModule, str]] = []
+        erased: set[Node] = set()
+        for node in list(gm.graph.nodes):
+            if node in erased:
+                continue
+            for rule in self._index.get(ctx.anchor(node), ()):
+                if not isinstance(rule, ReplacementRule):
+                    continue
+                result = _call_rule(rule, node, lambda: rule.replacement(node, ctx))
+                if result is None:
+                    continue
+                module, args, interior = result
+                name = f"{_TEMP_PREFIX}{len(done)}"
+                gm.add_submodule(name, module)
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_module(name, tuple(args))
+                sources = tuple(describe(n) for n in reversed(interior))
+                new.meta["reparam"] = {"rules": [rule.name], "sources": list(sources)}
+                node.replace_all_uses_with(new)
+                for old in interior:
+                    gm.graph.erase_node(old)
+                    erased.add(old)
+                modules = [describe(n) for n in reversed(interior) if n.op == "call_module"]
+                done.append((_NewModule(new, modules[0] if modules else rule.name, sources), rule.name))
+                break
+        return done
 
     # ---------------------------------------------------------------- annotate
 
     def _annotate(self, gm: GraphModule) -> Context:
-        ctx = Context(gm)
+        ctx = Context(gm, self._index)
         for node in gm.graph.nodes:
-            for rule in self._index.get(_anchor(node, ctx), ()):
+            for rule in self._index.get(ctx.anchor(node), ()):
                 try:
-                    region = rule.annotate(node, ctx)
-                except FusionRefused as refusal:
-                    ctx.refuse(rule.name, [node], refusal)
-                    region = None
-                except Exception as error:
-                    raise RuleError(
-                        f"rule {rule.name!r} raised {type(error).__name__} on node {node.name}: {error}"
-                    ) from error
+                    region = _call_rule(rule, node, lambda: rule.annotate(node, ctx))
+                except FusionRefused as refusal:  # the rule matched and said no: final for this node
+                    ctx.refuse(rule.name, refusal.nodes or [node], refusal)
+                    break
                 if region is not None:
                     ctx.regions[node] = region
                     break
@@ -148,21 +229,21 @@ class Engine:
 
     # ---------------------------------------------------------------- materialize
 
-    def _materialize(self, gm: GraphModule, ctx: Context) -> list[_NewConv]:
+    def _materialize(self, gm: GraphModule, ctx: Context) -> list[tuple[_NewModule, Region]]:
         graph = gm.graph
-        replaced: dict[Node, Node] = {}
-        new_convs: list[_NewConv] = []
         position = {node: i for i, node in enumerate(graph.nodes)}
+        replaced: dict[Node, Node] = {}
+        new_convs: list[tuple[_NewModule, Region]] = []
         outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions)]
         for out in outputs:
             region = ctx.regions[out]
             chosen, cost = plan(region, self._allow_costlier)
-            if not isinstance(chosen, Fuse) and len(list(region.leaves())) > 1:
+            if not isinstance(chosen, Fuse) and len(region.sources) > 1:
                 _refuse_as_dearer(ctx, region, cost)
             if not fuses_anything(chosen):
                 continue
             with graph.inserting_before(out):
-                new = self._emit(gm, chosen, replaced.get(region.root, region.root), replaced, new_convs)
+                new = _Emitter(gm, replaced, new_convs).emit(chosen, replaced.get(region.root, region.root))
             out.replace_all_uses_with(new)
             replaced[out] = new
             for node in sorted(region.nodes, key=position.__getitem__, reverse=True):
@@ -170,45 +251,53 @@ class Engine:
                     graph.erase_node(node)
         return new_convs
 
-    def _emit(
-        self, gm: GraphModule, p: Plan, source: Node, replaced: dict[Node, Node], new_convs: list[_NewConv]
-    ) -> Node:
-        graph = gm.graph
-        if isinstance(p, PassThrough):
+
+@dataclass
+class _Emitter:
+    """Writes a plan into the graph at the current insertion point."""
+
+    gm: GraphModule
+    replaced: dict[Node, Node]
+    new_convs: list[tuple[_NewModule, Region]]
+
+    def emit(self, p: Plan | None, source: Node) -> Node:
+        graph = self.gm.graph
+        if p is None:  # the input itself
             return source
         if isinstance(p, Keep):
             old_input = p.leaf.root
-            return graph.node_copy(
-                p.leaf.node, lambda a: source if a is old_input or a is replaced.get(old_input) else a
-            )
+            inputs = (old_input, self.replaced.get(old_input))
+            return graph.node_copy(p.leaf.node, lambda a: source if any(a is i for i in inputs) else a)
         if isinstance(p, Steps):
             for step in p.steps:
-                source = self._emit(gm, step, source, replaced, new_convs)
+                source = self.emit(step, source)
             return source
-        if isinstance(p, Add):
-            terms = [self._emit(gm, t, source, replaced, new_convs) for t in p.terms]
-            total = terms[0]
-            for term in terms[1:]:
-                total = graph.call_function(operator.add, (total, term))
-            return total
-        if isinstance(p, Concat):
-            terms = [self._emit(gm, t, source, replaced, new_convs) for t in p.terms]
-            return graph.call_function(torch.cat, (terms,), {"dim": 1})
-        name = f"{_TEMP_PREFIX}{len(new_convs)}_{id(p)}"
-        gm.add_submodule(name, p.region.kernel.to_module())
+        if isinstance(p, AsWritten):
+            root = p.region.root
+            env = {root: source, self.replaced.get(root, root): source}
+            for node, part in p.parts:
+                env[node] = self.emit(part, source)
+            for node in p.region.interior:
+                env[node] = graph.node_copy(node, lambda a: env.get(a, self.replaced.get(a, a)))
+            return env[p.region.output]
+        name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
+        self.gm.add_submodule(name, p.region.kernel.to_module())
         node = graph.call_module(name, (source,))
-        node.meta["reparam"] = {
-            "rules": sorted(p.region.rules),
-            "sources": [describe(leaf.node) for leaf in p.region.leaves()],
-        }
-        new_convs.append(_NewConv(node, p.region, original_cost(p.region)))
+        sources = tuple(describe(n) for n in p.region.sources)
+        node.meta["reparam"] = {"rules": sorted(p.region.rules), "sources": list(sources)}
+        self.new_convs.append((_NewModule(node, _preferred_name(p.region), sources), p.region))
         return node
 
 
-def _anchor(node: Node, ctx: Context) -> Anchor:
-    if node.op == "call_module":
-        return (node.op, type(ctx.module(node)))
-    return (node.op, node.target)
+def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
+    """Run a rule; an unexpected exception is re-raised naming the rule and the node."""
+    try:
+        return call()
+    except (FusionRefused, ReparamError):
+        raise
+    except Exception as error:
+        message = f"rule {rule.name!r} raised {type(error).__name__} on node {node.name}: {error}"
+        raise RuleError(message) from error
 
 
 def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
@@ -236,18 +325,18 @@ def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:
             Reason.WOULD_COST_MORE,
             f"one conv for this region would cost {float(fused.macs):g} MACs per position and {fused.params} "
             f"parameters, against {float(kept.macs):g} and {kept.params} as emitted",
-            tuple(describe(leaf.node) for leaf in region.leaves()),
+            tuple(describe(n) for n in region.sources),
         )
     )
 
 
 def _preferred_name(region: Region) -> str:
-    """A chain is named after its first layer; a sum of branches `<their common parent>.conv`."""
+    """A chain is named after its first layer; a region of several branches `<their common parent>.conv`."""
     if isinstance(region, Chain):
         return _preferred_name(region.parts[0])
-    if isinstance(region, Leaf):
-        return describe(region.node)
-    paths = [describe(leaf.node).split(".") for leaf in region.leaves()]
+    if isinstance(region, Leaf) or len(region.sources) == 1:
+        return describe(region.sources[0])
+    paths = [describe(n).split(".") for n in region.sources]
     common: list[str] = []
     for parts in zip(*paths):
         if len(set(parts)) > 1:
@@ -256,9 +345,9 @@ def _preferred_name(region: Region) -> str:
     return ".".join(common[: min(len(p) for p in paths) - 1] + ["conv"])
 
 
-def _name(gm: GraphModule, new: _NewConv) -> Fusion:
-    """Move a new conv from its temporary name to one derived from the layers it replaced."""
-    preferred = _preferred_name(new.region)
+def _rename(gm: GraphModule, new: _NewModule) -> str:
+    """Move a new module from its temporary name to its preferred one (or a free variant of it)."""
+    preferred = new.preferred_name
     candidates = [preferred, f"{preferred}_fused"] + [f"{preferred}_fused_{i}" for i in range(1, 1000)]
     final = next(c for c in candidates if _free(gm, c))
     module = gm.get_submodule(new.node.target)
@@ -269,14 +358,18 @@ def _name(gm: GraphModule, new: _NewConv) -> Fusion:
     renamed.meta = new.node.meta
     new.node.replace_all_uses_with(renamed)
     gm.graph.erase_node(new.node)
-    after = Cost.of(new.region.kernel)
+    return final
+
+
+def _fusion(module: str, new: _NewModule, region: Region) -> Fusion:
+    before, after = original_cost(region), Cost.of(region.kernel)
     return Fusion(
-        module=final,
-        sources=tuple(new.node.meta["reparam"]["sources"]),
-        rules=tuple(new.node.meta["reparam"]["rules"]),
-        macs_before=float(new.before.macs),
+        module=module,
+        sources=new.sources,
+        rules=tuple(sorted(region.rules)),
+        macs_before=float(before.macs),
         macs_after=float(after.macs),
-        params_before=new.before.params,
+        params_before=before.params,
         params_after=after.params,
     )
 

@@ -17,6 +17,7 @@ class Reason(str, Enum):
     PADDING_MODE = "padding mode"
     BORDER_NOT_EXACT = "border not exact"
     WOULD_COST_MORE = "would cost more"
+    NOT_CONSTANT = "not constant"
 
 
 class ReparamError(Exception):
@@ -34,6 +35,7 @@ class FusionRefused(ReparamError):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+        self.nodes: tuple = ()  # the graph nodes at fault, when a rule knows them
 
 
 class TrainingModeError(ReparamError):
@@ -46,3 +48,11 @@ class NotTraceableError(ReparamError):
 
 class RuleError(ReparamError):
     """A rule raised an unexpected exception; the message names the rule and the node."""
+
+
+class InvalidPatternError(ReparamError):
+    """A pattern or rule was malformed; raised when it is registered, not when it runs."""
+
+
+class RuleOverwriteWarning(UserWarning):
+    """A registration replaced a rule of the same name in the same rule set."""

@@ -243,7 +243,7 @@ class Kernel:
             size.append((d1 * (k1 - 1) + s1 * d2 * (k2 - 1)) // lattice + 1)
             dilation.append(lattice)
             starts.append(s1 * d2 // lattice)
-            steps.append(d1 // lattice)
+            steps.append(d1 // lattice if k1 > 1 else 1)  # a single tap needs no spacing
         w1 = first.weight.view(groups, -1, *first.weight.shape[1:])
         w2 = second.weight.view(groups, -1, *second.weight.shape[1:])
         weight = w1.new_zeros(groups, w2.shape[1], w1.shape[2], *size)
@@ -306,7 +306,7 @@ class Kernel:
         weight = self.weight.new_zeros(*self.weight.shape[:2], *kernel_size)
         window = []
         for k, p, d, new_p, new_d in zip(self.kernel_size, self.padding, self.dilation, padding, dilation):
-            start, step = (new_p - p) // new_d, d // new_d
+            start, step = (new_p - p) // new_d, d // new_d if k > 1 else 1  # a single tap needs no spacing
             window.append(slice(start, start + step * (k - 1) + 1, step))
         weight[(..., *window)] = self.weight
         return replace(self, weight=weight, padding=padding, dilation=dilation)

@@ -1,10 +1,12 @@
 """Linear regions: subgraphs that compute one kernel of an earlier tensor, and how to emit them.
 
-The engine annotates each linear node with a `Region`: an expression tree (`Leaf`, `Chain`,
-`Branches`, `Identity`) over the graph's nodes, rooted at the tensor it is a function of, with
-its exact fused `Kernel` computed as it grows. A region is only ever built when its kernel is
-exact, so the remaining question is cost: `plan` decides, bottom up, which parts become one
-conv and which stay as written, so that the result never costs more than the original.
+The engine annotates each linear node with a `Region`: an expression tree over the graph's
+nodes, rooted at the tensor it is a function of, with its exact fused `Kernel` computed as it
+grows. `Leaf` is one layer, `Chain` layers applied one after another, `Matched` what a pattern
+rule matched (a sum of branches, a concatenation, a pool over a region...). A region is only
+ever built when its kernel is exact, so the remaining question is cost: `plan` decides, bottom
+up, which parts become one conv and which stay as written, so that the result never costs
+more than the original.
 
 Costs are multiply-accumulates per position of the region's input tensor (a stage after a
 stride-2 conv runs on a quarter of the positions) and parameter counts.
@@ -13,14 +15,13 @@ stride-2 conv runs on a quarter of the positions) and parameter counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
 from torch.fx import Node
 
 from .errors import FusionRefused
-from .kernel import Kernel, concatenated
+from .kernel import Kernel
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ class Cost:
     def of(cls, kernel: Kernel) -> Cost:
         """The cost of running `kernel` as one conv."""
         return cls(Fraction(kernel.macs, math.prod(kernel.stride)), kernel.params)
+
+    @classmethod
+    def elementwise(cls, kernel: Kernel) -> Cost:
+        """One operation per element of `kernel`'s output (an add, a multiply)."""
+        return cls(Fraction(kernel.out_channels, math.prod(kernel.stride)), 0)
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.macs + other.macs, self.params + other.params)
@@ -55,15 +61,16 @@ FREE = Cost(Fraction(0), 0)
 
 @dataclass(frozen=True, eq=False)
 class Region:
-    """A subgraph computing `kernel(root)`. `nodes` are the graph nodes it replaces."""
+    """A subgraph computing `kernel(root)`.
+
+    `nodes` are the graph nodes it replaces; `sources` the layers it is made of, in order.
+    """
 
     root: Node
     kernel: Kernel
     nodes: frozenset[Node]
     rules: frozenset[str]
-
-    def leaves(self) -> Iterator[Leaf]:
-        yield from ()
+    sources: tuple[Node, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,14 +80,6 @@ class Leaf(Region):
     node: Node
     cost: Cost
 
-    def leaves(self) -> Iterator[Leaf]:
-        yield self
-
-
-@dataclass(frozen=True, eq=False)
-class Identity(Region):
-    """The root itself, as a branch of a sum (the `x` in `x + f(x)`)."""
-
 
 @dataclass(frozen=True, eq=False)
 class Chain(Region):
@@ -88,31 +87,19 @@ class Chain(Region):
 
     parts: tuple[Region, ...]
 
-    def leaves(self) -> Iterator[Leaf]:
-        for part in self.parts:
-            yield from part.leaves()
-
 
 @dataclass(frozen=True, eq=False)
-class Branches(Region):
-    """Parts applied to the same root and summed."""
+class Matched(Region):
+    """A subgraph a pattern rule matched: `interior` nodes over linear `parts` of the root.
 
-    parts: tuple[Region, ...]
+    `parts` maps each captured value to its region (None where the value is the root itself);
+    `own_cost` is what the interior nodes cost as written; `output` is the anchor node.
+    """
 
-    def leaves(self) -> Iterator[Leaf]:
-        for part in self.parts:
-            yield from part.leaves()
-
-
-@dataclass(frozen=True, eq=False)
-class Stacked(Region):
-    """Parts applied to the same root, their outputs concatenated along channels."""
-
-    parts: tuple[Region, ...]
-
-    def leaves(self) -> Iterator[Leaf]:
-        for part in self.parts:
-            yield from part.leaves()
+    output: Node
+    interior: tuple[Node, ...]
+    parts: tuple[tuple[Node, Region | None], ...]
+    own_cost: Cost
 
 
 # ------------------------------------------------------------------------ building
@@ -120,46 +107,35 @@ class Stacked(Region):
 
 def leaf(node: Node, root: Node, kernel: Kernel, rule: str, cost: Cost | None = None) -> Leaf:
     """A linear node computing `kernel(root)`; its cost as written defaults to that of the kernel as a conv."""
-    return Leaf(root, kernel, frozenset({node}), frozenset({rule}), node, Cost.of(kernel) if cost is None else cost)
-
-
-def identity(root: Node, like: Kernel) -> Identity:
-    """The root as a sum branch, with the channels and dims of the branch `like`."""
-    kernel = Kernel.identity(like.in_channels, like.spatial_dims, dtype=like.dtype, device=like.weight.device)
-    return Identity(root, kernel, frozenset(), frozenset())
+    cost = Cost.of(kernel) if cost is None else cost
+    return Leaf(root, kernel, frozenset({node}), frozenset({rule}), (node,), node, cost)
 
 
 def chain(first: Region, second: Region) -> Chain:
     """`second` applied to the output of `first`. Raises `FusionRefused` if that is not one exact kernel."""
     kernel = first.kernel.then(second.kernel)
-    parts = _flatten(Chain, [first, second])
+    parts = tuple(p for r in (first, second) for p in (r.parts if isinstance(r, Chain) else (r,)))
     rules = first.rules | second.rules | (set() if second.kernel.is_channelwise else {"sequential"})
-    return Chain(first.root, kernel, first.nodes | second.nodes, frozenset(rules), parts)
+    return Chain(
+        first.root, kernel, first.nodes | second.nodes, frozenset(rules), first.sources + second.sources, parts
+    )
 
 
-def branches(parts: list[Region], sum_nodes: list[Node], rule: str) -> Branches:
-    """The sum of `parts`, all rooted at the same tensor, computed by `sum_nodes`. May raise `FusionRefused`."""
-    kernel = parts[0].kernel
-    for part in parts[1:]:
-        kernel = kernel + part.kernel
-    nodes = frozenset(sum_nodes).union(*(p.nodes for p in parts))
-    rules = frozenset({rule}).union(*(p.rules for p in parts))
-    return Branches(parts[0].root, kernel, nodes, rules, _flatten(Branches, parts))
-
-
-def stacked(parts: list[Region], cat_node: Node, rule: str) -> Stacked:
-    """The channel concatenation of `parts`, all rooted at the same tensor. May raise `FusionRefused`."""
-    kernel = concatenated([p.kernel for p in parts])
-    nodes = frozenset({cat_node}).union(*(p.nodes for p in parts))
-    rules = frozenset({rule}).union(*(p.rules for p in parts))
-    return Stacked(parts[0].root, kernel, nodes, rules, _flatten(Stacked, parts))
-
-
-def _flatten(kind: type, parts: list[Region]) -> tuple[Region, ...]:
-    flat: list[Region] = []
-    for part in parts:
-        flat.extend(part.parts if isinstance(part, kind) else [part])
-    return tuple(flat)
+def matched(
+    root: Node,
+    kernel: Kernel,
+    rule: str,
+    interior: tuple[Node, ...],
+    parts: tuple[tuple[Node, Region | None], ...],
+    own_cost: Cost,
+    modules: tuple[Node, ...],
+) -> Matched:
+    """The region of a pattern match; `modules` are the interior layers that count as sources."""
+    regions = [r for _, r in parts if r is not None]
+    nodes = frozenset(interior).union(*(r.nodes for r in regions))
+    rules = frozenset({rule}).union(*(r.rules for r in regions))
+    sources = tuple(n for r in regions for n in r.sources) + modules
+    return Matched(root, kernel, nodes, rules, sources, interior[0], tuple(reversed(interior)), parts, own_cost)
 
 
 # ------------------------------------------------------------------------ planning
@@ -187,25 +163,14 @@ class Steps:
 
 
 @dataclass(frozen=True)
-class Add:
-    """Apply plans to the same input and sum them."""
+class AsWritten:
+    """Re-emit a matched subgraph's interior nodes over the plans of its parts (None: the input)."""
 
-    terms: tuple[Plan, ...]
-
-
-@dataclass(frozen=True)
-class Concat:
-    """Apply plans to the same input and concatenate their outputs along channels."""
-
-    terms: tuple[Plan, ...]
+    region: Matched
+    parts: tuple[tuple[Node, Plan | None], ...]
 
 
-@dataclass(frozen=True)
-class PassThrough:
-    """The input itself."""
-
-
-Plan = Keep | Fuse | Steps | Add | Concat | PassThrough
+Plan = Keep | Fuse | Steps | AsWritten
 
 
 def original_cost(region: Region) -> Cost:
@@ -230,25 +195,15 @@ def plan(region: Region, allow_costlier: bool = False) -> tuple[Plan, Cost]:
 def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
     if isinstance(region, Leaf):
         return Keep(region), region.cost
-    if isinstance(region, Identity):
-        return PassThrough(), FREE
     if isinstance(region, Chain):
         return _plan_chain(region, allow_fusion)
-    if isinstance(region, Branches):
-        terms = [_plan(part, allow_fusion) for part in region.parts]
-        adds = Cost(Fraction(region.kernel.out_channels * (len(terms) - 1), math.prod(region.kernel.stride)), 0)
-        written = sum((cost for _, cost in terms), adds)
+    if isinstance(region, Matched):
+        parts = [(node, None if r is None else _plan(r, allow_fusion)) for node, r in region.parts]
+        written = sum((p[1] for _, p in parts if p is not None), region.own_cost)
         fused = Cost.of(region.kernel)
         if allow_fusion and fused.no_more_than(written):
             return Fuse(region), fused
-        return Add(tuple(p for p, _ in terms)), written
-    if isinstance(region, Stacked):
-        terms = [_plan(part, allow_fusion) for part in region.parts]
-        written = sum((cost for _, cost in terms), FREE)
-        fused = Cost.of(region.kernel)
-        if allow_fusion and fused.no_more_than(written):
-            return Fuse(region), fused
-        return Concat(tuple(p for p, _ in terms)), written
+        return AsWritten(region, tuple((node, None if p is None else p[0]) for node, p in parts)), written
     raise TypeError(f"unknown region type {type(region).__name__}")
 
 
@@ -259,8 +214,6 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
         densities.append(densities[-1] / math.prod(part.kernel.stride))
     singles = [_plan(p, allow_fusion) for p in parts]
     single_costs = [cost.at_density(d) for (_, cost), d in zip(singles, densities)]
-    # best[i]: cheapest (cost, plans) computing parts[:i]
-    best: list[tuple[Cost, tuple[Plan, ...]]] = [(FREE, ())]
     segment_kernels: dict[tuple[int, int], Kernel] = {}
     if allow_fusion:
         for start in range(len(parts)):
@@ -271,6 +224,8 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
                 except FusionRefused:
                     break
                 segment_kernels[start, end] = kernel
+    # best[i]: cheapest (cost, plans) computing parts[:i]
+    best: list[tuple[Cost, tuple[Plan, ...]]] = [(FREE, ())]
     for end in range(1, len(parts) + 1):
         options = []  # fused segments first: on a tie in cost, fewer ops win
         for start in range(end - 1):
@@ -291,14 +246,14 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
 def _sub_chain(parts: tuple[Region, ...], kernel: Kernel) -> Chain:
     nodes = frozenset().union(*(p.nodes for p in parts))
     rules = frozenset().union(*(p.rules for p in parts))
-    return Chain(parts[0].root, kernel, nodes, rules, parts)
+    return Chain(parts[0].root, kernel, nodes, rules, tuple(n for p in parts for n in p.sources), parts)
 
 
-def fuses_anything(p: Plan) -> bool:
+def fuses_anything(p: Plan | None) -> bool:
     if isinstance(p, Fuse):
         return True
     if isinstance(p, Steps):
         return any(fuses_anything(s) for s in p.steps)
-    if isinstance(p, Add | Concat):
-        return any(fuses_anything(t) for t in p.terms)
+    if isinstance(p, AsWritten):
+        return any(fuses_anything(part) for _, part in p.parts)
     return False

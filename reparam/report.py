@@ -24,6 +24,15 @@ class Fusion:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """A subgraph a replacement rule swapped for a module."""
+
+    module: str
+    sources: tuple[str, ...]
+    rule: str
+
+
+@dataclass(frozen=True)
 class Refusal:
     """A structural match that was left as written, with the reason and the nodes at fault."""
 
@@ -39,6 +48,7 @@ class FuseReport:
 
     fusions: list[Fusion] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    replacements: list[Replacement] = field(default_factory=list)
 
     def refused(self, reason: Reason) -> list[Refusal]:
         """The refusals with this reason."""
@@ -51,6 +61,8 @@ class FuseReport:
                 f"  fused   {f.module:<28} <- {', '.join(f.sources)}  [{', '.join(f.rules)}]"
                 f"  MACs/pos {f.macs_before:g} -> {f.macs_after:g}, params {f.params_before} -> {f.params_after}"
             )
+        for r in self.replacements:
+            lines.append(f"  replaced {', '.join(r.sources)} by {r.module} [{r.rule}]")
         for r in self.refusals:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
         return "\n".join(lines)

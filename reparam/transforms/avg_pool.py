@@ -19,52 +19,36 @@ Paper: X. Ding et al., "Diverse Branch Block: Building a Convolution as an Incep
 Unit", CVPR 2021 (transform V).
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import Node
 
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..region import Region
-from ..rules import extend
-
-if TYPE_CHECKING:
-    from ..engine import Context
+from ..patterns import AnyOf, Call, Linear, Match, Module, Var
+from ..rules import PatternRule
 
 _MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
 _ORDER = ["input", "kernel_size", *_DEFAULTS]
 
+x = Var("x")
+_INPUT = Linear(x, "input", identity=False)
 
-class AvgPool:
-    """The average-pool rule: module and functional forms."""
 
-    name = "avg_pool"
-    anchors = tuple(("call_module", t) for t in _MODULES) + tuple(("call_function", f) for f in _FUNCTIONS)
-
-    def annotate(self, node: Node, ctx: Context) -> Region | None:
-        if node.op == "call_module":
-            module = ctx.module(node)
-            dims = _MODULES[type(module)]
-            options = {name: getattr(module, name, default) for name, default in _DEFAULTS.items()}
-            options["kernel_size"] = module.kernel_size
-            source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        else:
-            dims = _FUNCTIONS[node.target]
-            options = {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
-            source = options.pop("input")
-        if not isinstance(source, Node):
-            return None
-        upstream = ctx.absorb(source, node)
-        if upstream is None:
-            return None
-        kernel = pool_kernel(upstream.kernel, dims, options)
-        return extend(node, source, kernel, self.name, ctx, upstream)
+def avg_pool(m: Match) -> Kernel:
+    upstream = m.kernel("input")
+    node = m.node("pool")
+    if node.op == "call_module":
+        pool = m.module("pool")
+        options = {name: getattr(pool, name, default) for name, default in _DEFAULTS.items()}
+        options["kernel_size"], dims = pool.kernel_size, _MODULES[type(pool)]
+    else:
+        options = {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
+        dims = _FUNCTIONS[node.target]
+    return upstream.then(pool_kernel(upstream, dims, options))
 
 
 def pool_kernel(upstream: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
@@ -95,4 +79,8 @@ def _any(value: int | tuple[int, ...] | list[int], above: int = 0) -> bool:
     return any(v > above for v in ([value] if isinstance(value, int) else value))
 
 
-AVG_POOL = AvgPool()
+AVG_POOL = PatternRule(
+    "avg_pool",
+    AnyOf(Module(tuple(_MODULES), _INPUT), Call(tuple(_FUNCTIONS), _INPUT), name="pool"),
+    avg_pool,
+)
