@@ -1,61 +1,116 @@
-"""`fuse`: the public entry point."""
+"""`fuse` and `fuse_with_report`: the public entry points."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
-from torch.fx import GraphModule
 
 from .engine import Engine
-from .errors import TrainingModeError
+from .errors import ReparamError, StrictModeError, TrainingModeError
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
-from .tracing import trace
+from .tracing import fuse_tree, trace
+from .verify import compare, example_inputs_for
 
 
 def fuse(
-    model: nn.Module, *, rules: str | RuleSet | Iterable[Rule] = "default", allow_costlier: bool = False
-) -> GraphModule:
-    """Return a copy of `model` whose re-parameterizable subgraphs are single convolutions.
+    model: nn.Module,
+    *,
+    rules: str | RuleSet | Iterable[Rule] = "default",
+    allow_costlier: bool = False,
+    inplace: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool = False,
+    example_inputs: tuple[Any, ...] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    strict: bool = False,
+) -> nn.Module:
+    """Return `model` with its re-parameterizable subgraphs replaced by single convolutions.
 
     The model must be in eval mode. It is traced with torch.fx; every linear region (conv,
-    BatchNorm, summed branches, identity branches, multi-scale kernels) is replaced by one conv
-    where that is exact for every input size and costs no more than the region. The result
-    computes the same function, keeps the model's dtype and device, and leaves `model` as it was.
+    BatchNorm, summed or concatenated branches, identity branches, chains, avg-pools, multi-scale
+    kernels) becomes one conv where that is exact for every input size and costs no more than
+    the region. The result computes the same function, in the model's dtype and on its device.
+    It is a `torch.fx.GraphModule` when the whole forward traces; otherwise a copy of the model
+    whose largest traceable submodules are fused (the report lists what could not be traced).
 
     Example (a RepVGG block: 3x3+BN, 1x1+BN and BN-only branches become one 3x3 conv)::
 
-        >>> import reparam, torch
+        >>> import reparam
         >>> block = reparam.blocks.RepVGGBlock(8, 8).eval()
         >>> fused = reparam.fuse(block)
         >>> [type(m).__name__ for m in fused.modules()][1:]
-        ['Module', 'Conv2d', 'ReLU']
+        ['ReLU', 'Conv2d']
 
-    `rules` chooses the rules that run: a rule set's name (default: "default", the built-in
-    transforms and everything registered into it), a `RuleSet`, or rules in order. `allow_costlier`
-    fuses every exact region into one conv even where that costs more MACs or parameters than
-    the region as written (an Inception-style concat of 1x1/3x3/5x5 branches becomes one 5x5
-    conv, which is slower); by default such regions keep their cheaper form and the report
-    says `would cost more`.
-
-    See `fuse_with_report` for what was fused and what was refused, and why.
+    Args:
+        rules: the rules to run: a rule set's name (default: "default", the built-in transforms
+            and everything registered into it), a `RuleSet`, or rules in order.
+        allow_costlier: fuse every exact region into one conv even where that costs more MACs
+            or parameters (an Inception-style 1x1/3x3/5x5 concat becomes one, slower, 5x5 conv).
+            By default such regions keep their cheaper form and the report says `would cost more`.
+        inplace: work on `model` itself instead of a copy: untraceable containers get their
+            fused children in place, and the result shares the layers it did not change.
+        leaf_modules: module types the tracer must not trace into (kept as single calls).
+        concrete_args: arguments of `model.forward` to fix while tracing (see torch.fx).
+        verify: run the original and the fused model on `example_inputs` (or a random input of
+            `input_shape`) and raise `VerificationError`, naming the first differing rewrite,
+            if they differ beyond the dtype's tolerance.
+        strict: raise `StrictModeError` if anything was refused or could not be traced.
     """
-    return fuse_with_report(model, rules=rules, allow_costlier=allow_costlier)[0]
+    return fuse_with_report(
+        model,
+        rules=rules,
+        allow_costlier=allow_costlier,
+        inplace=inplace,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        verify=verify,
+        example_inputs=example_inputs,
+        input_shape=input_shape,
+        strict=strict,
+    )[0]
 
 
 def fuse_with_report(
-    model: nn.Module, *, rules: str | RuleSet | Iterable[Rule] = "default", allow_costlier: bool = False
-) -> tuple[GraphModule, FuseReport]:
-    """`fuse`, also returning the `FuseReport`: each fusion, and each refusal with its reason."""
+    model: nn.Module,
+    *,
+    rules: str | RuleSet | Iterable[Rule] = "default",
+    allow_costlier: bool = False,
+    inplace: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    verify: bool = False,
+    example_inputs: tuple[Any, ...] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    strict: bool = False,
+) -> tuple[nn.Module, FuseReport]:
+    """`fuse`, also returning the `FuseReport`: each fusion, each refusal with its reason, what was not traced."""
     if model.training:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics and no fusion is "
             "exact; call model.eval() before reparam.fuse(model)"
         )
+    if verify and example_inputs is None and input_shape is None:
+        raise ReparamError("verify=True needs example_inputs=(tensor, ...) or input_shape=(batch, channels, ...)")
     chosen = resolve(rules)
-    gm = trace(copy.deepcopy(model), chosen)
-    report = Engine(chosen, allow_costlier).run(gm)
-    return gm, report
+    working = model if inplace else copy.deepcopy(model)
+    traced_original = None
+    if verify:
+        example_inputs = example_inputs if example_inputs is not None else example_inputs_for(model, input_shape)
+        try:
+            traced_original = copy.deepcopy(trace(model, chosen, leaf_modules, concrete_args))
+        except ReparamError:
+            traced_original = None
+        reference = copy.deepcopy(model) if inplace else model
+    engine = Engine(chosen, allow_costlier)
+    fused, report = fuse_tree(working, engine.run, chosen, leaf_modules, concrete_args)
+    if verify:
+        compare(reference, fused, example_inputs, traced_original)
+    if strict and (report.refusals or report.untraced):
+        raise StrictModeError(f"strict=True and the model was not fully fused:\n{report}")
+    return fused, report

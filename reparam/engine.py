@@ -17,7 +17,8 @@ node carries its provenance in `node.meta["reparam"]`.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,12 @@ class Context:
         self._index = index
         self._modules = dict(gm.named_modules())
         self._shared_reported: set[Node] = set()
+        self._barriers: dict[Node, tuple[str, FusionRefused]] = {}
+        self._calls = Counter(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
+        self._owners: dict[int, list[str]] = defaultdict(list)
+        for name, module in self._modules.items():
+            for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+                self._owners[id(tensor)].append(name or type(gm).__name__)
 
     def module(self, node: Node) -> nn.Module:
         """The module a `call_module` node calls."""
@@ -78,13 +85,37 @@ class Context:
         if not isinstance(value, Node):
             return value
         if value.op == "get_attr":
-            owner: Any = self._gm
-            for part in str(value.target).split("."):
-                owner = getattr(owner, part)
-            return owner
+            return _attribute(self._gm, value)
         raise FusionRefused(
             Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
         )
+
+    def check_not_shared(self, node: Node) -> None:
+        """Refuse (`shared module`) a call whose module or weights are also used elsewhere.
+
+        Folding one call of a module called twice, or of weights tied to another module's,
+        would untie them and add parameters, so such layers are left as written.
+        """
+        if node.op == "call_module":
+            module = self.module(node)
+            tensors = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+            if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
+                raise FusionRefused(
+                    Reason.SHARED_MODULE, f"{node.target} is called at {self._calls[node.target]} places"
+                )
+            for tensor in tensors:
+                owners = self._owners[id(tensor)]
+                if len(owners) > 1:
+                    raise FusionRefused(Reason.SHARED_MODULE, f"{' and '.join(owners)} share a weight tensor")
+        for target in [a.target for a in node.args if _is_attr(a)]:
+            if self._calls[target] > 1:
+                raise FusionRefused(Reason.SHARED_MODULE, f"{target} is read at {self._calls[target]} places")
+
+    def barrier(self, node: Node, rule: str, refusal: FusionRefused) -> None:
+        """`node` is a layer that must stay as written; its refusal is reported if anything would fold it."""
+        self._barriers[node] = (rule, refusal)
+        if node.args and node.args[0] in self.regions:
+            self.refuse(rule, [node], refusal)
 
     def absorbable(self, producer: Node, consumer: Node | None) -> Region | None:
         """The region computing `producer`, if `consumer` is its only user."""
@@ -95,6 +126,9 @@ class Context:
 
     def absorb(self, producer: Node, consumer: Node) -> Region | None:
         """`absorbable`, recording a `shared intermediate` refusal when other users prevent it."""
+        if producer in self._barriers:
+            rule, refusal = self._barriers[producer]
+            self.refuse(rule, [producer], refusal)
         region = self.absorbable(producer, consumer)
         if region is None and producer in self.regions and producer not in self._shared_reported:
             self._shared_reported.add(producer)
@@ -127,8 +161,14 @@ class Context:
             return Cost.elementwise(region_kernel)
 
     def refuse(self, rule: str, nodes: Iterable[Node], refusal: FusionRefused) -> None:
-        """Record that `rule` matched `nodes` but would not be exact."""
-        self.refusals.append(Refusal(rule, refusal.reason, refusal.message, tuple(describe(n) for n in nodes)))
+        """Record that `rule` matched `nodes` but would not be exact (once, however often it is met)."""
+        record = Refusal(rule, refusal.reason, refusal.message, tuple(describe(n) for n in nodes))
+        if record not in self.refusals:
+            self.refusals.append(record)
+
+
+def _is_attr(value: Any) -> bool:
+    return isinstance(value, Node) and value.op == "get_attr"
 
 
 def describe(node: Node) -> str:
@@ -245,10 +285,14 @@ class Engine:
             with graph.inserting_before(out):
                 new = _Emitter(gm, replaced, new_convs).emit(chosen, replaced.get(region.root, region.root))
             out.replace_all_uses_with(new)
+            new.meta.setdefault("reparam", {"rules": sorted(region.rules), "sources": []})["replaces"] = out.name
             replaced[out] = new
+            attributes: set[Node] = set()
             for node in sorted(region.nodes, key=position.__getitem__, reverse=True):
                 if not node.users:
+                    attributes.update(a for a in node.all_input_nodes if a.op == "get_attr")
                     graph.erase_node(node)
+            _erase_unused_attributes(gm, attributes)
         return new_convs
 
 
@@ -281,12 +325,31 @@ class _Emitter:
                 env[node] = graph.node_copy(node, lambda a: env.get(a, self.replaced.get(a, a)))
             return env[p.region.output]
         name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
-        self.gm.add_submodule(name, p.region.kernel.to_module())
+        conv = p.region.kernel.to_module()
+        conv.requires_grad_(any(_trainable(self.gm, n) for n in p.region.sources))
+        self.gm.add_submodule(name, conv)
         node = graph.call_module(name, (source,))
         sources = tuple(describe(n) for n in p.region.sources)
         node.meta["reparam"] = {"rules": sorted(p.region.rules), "sources": list(sources)}
         self.new_convs.append((_NewModule(node, _preferred_name(p.region), sources), p.region))
         return node
+
+
+def _trainable(gm: GraphModule, node: Node) -> bool:
+    """Whether a source layer had a parameter that requires grad (a frozen model stays frozen)."""
+    if node.op == "call_module":
+        return any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
+    return any(
+        isinstance(a, Node) and a.op == "get_attr" and getattr(_attribute(gm, a), "requires_grad", False)
+        for a in node.args
+    )
+
+
+def _attribute(gm: GraphModule, node: Node) -> Any:
+    owner: Any = gm
+    for part in str(node.target).split("."):
+        owner = getattr(owner, part)
+    return owner
 
 
 def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
@@ -303,6 +366,19 @@ def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
 def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
     """True if some user of `node` does not fold it into its own region."""
     return any(user not in regions or node not in regions[user].nodes for user in node.users)
+
+
+def _erase_unused_attributes(gm: GraphModule, candidates: set[Node]) -> None:
+    """Erase `get_attr` nodes left without users, and the tensors no remaining node reads."""
+    for node in candidates:
+        if not node.users:
+            gm.graph.erase_node(node)
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {str(n.target) for n in candidates} - still_read:
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if hasattr(owner, name):
+            delattr(owner, name)
 
 
 def _drop_noops(gm: GraphModule) -> None:

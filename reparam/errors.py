@@ -11,6 +11,7 @@ class Reason(str, Enum):
     BN_TRAINING = "BN in training mode"
     NO_RUNNING_STATS = "no running stats"
     SHARED_INTERMEDIATE = "shared intermediate"
+    SHARED_MODULE = "shared module"
     STRIDE = "strides differ"
     MISALIGNED = "outputs not aligned"
     GEOMETRY = "geometry"
@@ -44,6 +45,14 @@ class TrainingModeError(ReparamError):
 
 class NotTraceableError(ReparamError):
     """torch.fx could not trace the model's forward."""
+
+
+class VerificationError(ReparamError):
+    """`fuse(..., verify=True)` found the fused model computing something else than the original."""
+
+
+class StrictModeError(ReparamError):
+    """`fuse(..., strict=True)` met a refusal."""
 
 
 class RuleError(ReparamError):

@@ -211,7 +211,7 @@ class Kernel:
         padding, and for zero padding only if self maps zero to zero (no bias). Otherwise
         `after` would read zeros where the composed kernel reads self's bias: `border not exact`.
         """
-        _check_same_dims(self, after)
+        self, after = _same_dims(self, after)
         if self.out_channels != after.in_channels:
             raise FusionRefused(
                 Reason.GEOMETRY, f"{self.out_channels} channels feed a kernel expecting {after.in_channels}"
@@ -280,6 +280,10 @@ class Kernel:
         groups = math.gcd(a.groups, b.groups)
         a, b = a.regrouped(groups), b.regrouped(groups)
         return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dtype=torch.promote_types(a.dtype, b.dtype))
+
+    def shifted(self, constant: float) -> Kernel:
+        """The kernel computing `self(x) + constant`."""
+        return replace(self, bias=self.bias + constant)
 
     def regrouped(self, groups: int) -> Kernel:
         """The same map written with `groups` groups (a divisor of self.groups): each new group is block diagonal."""
@@ -371,9 +375,10 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     `lo_i + hi_i` (twice the centre) is the same for all; the common kernel then spans
     `min lo_i .. max hi_i` on the coarsest lattice holding every tap.
     """
+    kernels = [_same_dims(kernels[0], k)[1] for k in kernels]
+    kernels = [_same_dims(kernels[-1], k)[1] for k in kernels]
     first = kernels[0]
     for other in kernels[1:]:
-        _check_same_dims(first, other)
         if other.in_channels != first.in_channels:
             raise FusionRefused(
                 Reason.GEOMETRY, f"branches read {first.in_channels} and {other.in_channels} input channels"
@@ -404,11 +409,15 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     ]
 
 
-def _check_same_dims(a: Kernel, b: Kernel) -> None:
-    if a.spatial_dims != b.spatial_dims:
-        raise FusionRefused(
-            Reason.GEOMETRY, f"a {a.spatial_dims}-d kernel cannot combine with a {b.spatial_dims}-d kernel"
-        )
+def _same_dims(a: Kernel, b: Kernel) -> tuple[Kernel, Kernel]:
+    """`a` and `b` with the same number of spatial dims: a per-channel map fits any number."""
+    if a.spatial_dims == b.spatial_dims:
+        return a, b
+    if b.is_channelwise:
+        return a, replace(Kernel.affine(b.weight.reshape(-1), b.bias, a.spatial_dims), dtype=b.dtype)
+    if a.is_channelwise:
+        return replace(Kernel.affine(a.weight.reshape(-1), a.bias, b.spatial_dims), dtype=a.dtype), b
+    raise FusionRefused(Reason.GEOMETRY, f"a {a.spatial_dims}-d kernel cannot combine with a {b.spatial_dims}-d kernel")
 
 
 def _expand(value: int | tuple[int, ...] | list[int], dims: int) -> tuple[int, ...]:

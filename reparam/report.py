@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import Reason
 
@@ -33,6 +33,15 @@ class Replacement:
 
 
 @dataclass(frozen=True)
+class Untraced:
+    """A module whose forward torch.fx could not trace: it was kept as written, its children fused."""
+
+    module: str
+    type_name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Refusal:
     """A structural match that was left as written, with the reason and the nodes at fault."""
 
@@ -49,13 +58,46 @@ class FuseReport:
     fusions: list[Fusion] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     replacements: list[Replacement] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether `fuse` rewrote anything."""
+        return bool(self.fusions or self.replacements)
 
     def refused(self, reason: Reason) -> list[Refusal]:
         """The refusals with this reason."""
         return [r for r in self.refusals if r.reason is reason]
 
+    def extend(self, other: FuseReport) -> None:
+        """Add another report's entries to this one."""
+        self.fusions += other.fusions
+        self.refusals += other.refusals
+        self.replacements += other.replacements
+        self.untraced += other.untraced
+
+    def prefixed(self, path: str) -> FuseReport:
+        """This report with module and node names taken relative to the submodule at `path`."""
+        if not path:
+            return self
+
+        def names(values: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(path + v for v in values)
+
+        return FuseReport(
+            [replace(f, module=path + f.module, sources=names(f.sources)) for f in self.fusions],
+            [replace(r, nodes=names(r.nodes)) for r in self.refusals],
+            [replace(r, module=path + r.module, sources=names(r.sources)) for r in self.replacements],
+            [replace(u, module=path + u.module) for u in self.untraced],
+        )
+
     def __str__(self) -> str:
-        lines = [f"{len(self.fusions)} fusion(s), {len(self.refusals)} refusal(s)"]
+        if not (self.changed or self.refusals or self.untraced):
+            return "nothing to fuse: no exact, cheaper rewrite applies (an already fused model reads so)"
+        lines = [
+            f"{len(self.fusions)} fusion(s), {len(self.replacements)} replacement(s), "
+            f"{len(self.refusals)} refusal(s), {len(self.untraced)} untraced module(s)"
+        ]
         for f in self.fusions:
             lines.append(
                 f"  fused   {f.module:<28} <- {', '.join(f.sources)}  [{', '.join(f.rules)}]"
@@ -65,4 +107,6 @@ class FuseReport:
             lines.append(f"  replaced {', '.join(r.sources)} by {r.module} [{r.rule}]")
         for r in self.refusals:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
+        for u in self.untraced:
+            lines.append(f"  untraced {u.module} ({u.type_name}), kept as written, children fused: {u.reason}")
         return "\n".join(lines)

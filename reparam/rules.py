@@ -77,6 +77,11 @@ class LinearLayer:
             return None
         if node.op == "call_module" and (len(node.args) != 1 or node.kwargs):
             return None
+        try:
+            ctx.check_not_shared(node)
+        except FusionRefused as refusal:
+            ctx.barrier(node, self.name, refusal)
+            return None
         kernel = self.kernel_of(node, ctx)
         return extend(node, node.args[0], kernel, self.name, ctx, ctx.absorb(node.args[0], node))
 
@@ -148,6 +153,8 @@ class PatternRule:
         for state in self.pattern.matches(node, State(), ctx, None):
             if state.parts and all(p.region is None for p in state.parts):
                 continue  # only identities: nothing linear is known about this value
+            for inner in state.interior:
+                ctx.check_not_shared(inner)
             try:
                 kernel = self.function(Match(state, ctx))
             except FusionRefused as refusal:

@@ -1,21 +1,30 @@
-"""The torch.fx front end: trace a model, keeping every layer a rule knows as one node."""
+"""The torch.fx front end: trace a model, keeping every layer a rule knows as one node.
+
+`trace` traces one module or raises `NotTraceableError`. `fuse_tree` is what `fuse` runs: it
+fuses the whole model if its forward traces, and otherwise descends into its children, so the
+largest traceable submodules are fused and the untraceable parts stay as written (and are
+reported with the tracer's reason).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch.fx
 from torch import nn
 from torch.fx import GraphModule
 
 from .errors import NotTraceableError
+from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, with the module types rules anchor on kept as leaves (not traced into)."""
+    """torch.fx's tracer, with the module types rules anchor on (and the user's) kept as leaves."""
 
-    def __init__(self, leaf_types: frozenset[type], functions: tuple[Callable, ...]) -> None:
+    def __init__(self, leaf_types: frozenset[type] = frozenset(), functions: tuple[Callable, ...] = ()) -> None:
+        # defaults: unpickling a GraphModule re-traces its code with `tracer_cls()`
         super().__init__(autowrap_functions=functions)
         self.leaf_types = leaf_types
 
@@ -23,14 +32,47 @@ class _LeafTracer(torch.fx.Tracer):
         return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module, rules: Sequence[Rule]) -> GraphModule:
-    """A GraphModule of `model` (sharing its submodules) in which every layer a rule anchors on is a leaf."""
+def trace(
+    model: nn.Module,
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> GraphModule:
+    """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes."""
     leaf_types = frozenset(target for rule in rules for op, target in rule.anchors if op == "call_module")
-    tracer = _LeafTracer(leaf_types, plain_functions(rules))
+    tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args)
     except Exception as error:
         raise NotTraceableError(
-            f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}"
+            f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}. "
+            "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
+            "or let fuse descend into the traceable submodules"
         ) from error
     return GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def fuse_tree(
+    module: nn.Module,
+    run: Callable[[GraphModule], FuseReport],
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+    path: str = "",
+) -> tuple[nn.Module, FuseReport]:
+    """`module` fused by `run` where it traces: whole, or else child by child (in place)."""
+    try:
+        gm = trace(module, rules, leaf_modules, concrete_args)
+    except NotTraceableError as error:
+        cause = error.__cause__
+        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if cause else str(error)
+        report = FuseReport(untraced=[Untraced(path or "<model>", type(module).__name__, reason)])
+        for name, child in list(module.named_children()):
+            if next(child.children(), None) is None and type(child) not in leaf_modules:
+                continue  # a single layer: nothing inside it to fuse
+            fused, child_report = fuse_tree(child, run, rules, leaf_modules, None, f"{path}{name}.")
+            setattr(module, name, fused)
+            report.extend(child_report)
+        return module, report
+    report = run(gm)
+    return gm, report.prefixed(path)

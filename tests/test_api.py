@@ -33,19 +33,34 @@ def test_training_mode_is_an_error_that_says_to_call_eval():
 
 
 class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = block()
+
     def forward(self, x):
-        return x if x.sum() > 0 else -x
+        return self.blocks(x) if x.sum() > 0 else -x
 
 
-def test_untraceable_forward_is_a_clear_error():
-    with pytest.raises(reparam.NotTraceableError, match="Untraceable.forward"):
-        reparam.fuse(Untraceable().eval())
+def test_an_untraceable_forward_is_reported_and_its_children_fused():
+    model = Untraceable().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert convs(fused) == 2 and isinstance(fused, Untraceable)
+    [untraced] = report.untraced
+    assert (untraced.module, untraced.type_name) == ("<model>", "Untraceable")
+    assert "control flow" in untraced.reason
+    assert [f.module for f in report.fusions] == ["blocks.0.conv", "blocks.1.conv"]
+    x = torch.randn(1, 4, 6, 6).abs()
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    with pytest.raises(reparam.StrictModeError, match="Untraceable"):
+        reparam.fuse(model, strict=True)
 
 
 def test_fusing_a_fused_model_changes_nothing():
     fused = reparam.fuse(block())
     again, report = reparam.fuse_with_report(fused)
-    assert report.fusions == [] and report.refusals == []
+    assert report.fusions == [] and report.refusals == [] and not report.changed
+    assert str(report).startswith("nothing to fuse")
     assert again.code == fused.code
 
 

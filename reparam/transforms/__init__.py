@@ -1,15 +1,39 @@
 """The built-in rules, one file per transform, numbered as in the Diverse Branch Block paper.
 
-I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`.
+I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
+`functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI.
 """
 
 from .avg_pool import AVG_POOL
-from .branch_sum import SUM
+from .branch_sum import CONSTANT, SUM
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
+from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
+from .functional import CONV as FUNCTIONAL_CONV
 from .multiscale import CONV
 from .sequential import BN_AND_PAD
 
-BUILTIN_RULES = (CONV, BATCHNORM, BN_AND_PAD, AVG_POOL, SUM, CONCAT)
+BUILTIN_RULES = (
+    CONV,
+    BATCHNORM,
+    FUNCTIONAL_CONV,
+    FUNCTIONAL_BATCH_NORM,
+    BN_AND_PAD,
+    AVG_POOL,
+    SUM,
+    CONSTANT,
+    CONCAT,
+)
 
-__all__ = ["AVG_POOL", "BATCHNORM", "BN_AND_PAD", "BUILTIN_RULES", "CONCAT", "CONV", "SUM"]
+__all__ = [
+    "AVG_POOL",
+    "BATCHNORM",
+    "BN_AND_PAD",
+    "BUILTIN_RULES",
+    "CONCAT",
+    "CONSTANT",
+    "CONV",
+    "FUNCTIONAL_BATCH_NORM",
+    "FUNCTIONAL_CONV",
+    "SUM",
+]
