@@ -14,12 +14,14 @@ from .errors import (
     ReparamError,
     RuleError,
     RuleOverwriteWarning,
+    StrictModeError,
     TrainingModeError,
+    VerificationError,
 )
 from .kernel import Kernel
 from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set
-from .report import FuseReport, Fusion, Refusal, Replacement
+from .report import FuseReport, Fusion, Refusal, Replacement, Untraced
 from .rules import LinearLayer, PatternRule, ReplacementRule, Rule
 from .transforms import BUILTIN_RULES
 
@@ -53,7 +55,10 @@ __all__ = [
     "RuleError",
     "RuleOverwriteWarning",
     "RuleSet",
+    "StrictModeError",
     "TrainingModeError",
+    "Untraced",
+    "VerificationError",
     "Var",
     "blocks",
     "fuse",
