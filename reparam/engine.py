@@ -18,6 +18,7 @@ node carries its provenance in `node.meta["reparam"]`.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -81,11 +82,20 @@ class Context:
         return (node.op, node.target)
 
     def constant(self, value: Any) -> Any:
-        """A call argument as a constant: tensor attributes of the model fetched; computed values refused."""
+        """A call argument as a constant: tensors stored on the model, possibly reshaped, are fetched.
+
+        Values computed in forward by arithmetic (a standardized weight) are refused: folding
+        them would freeze one evaluation of the computation.
+        """
         if not isinstance(value, Node):
             return value
         if value.op == "get_attr":
             return _attribute(self._gm, value)
+        if _reshapes(value):
+            args = [self.constant(a) if isinstance(a, Node) else a for a in value.args]
+            if value.op == "call_method":
+                return getattr(args[0], value.target)(*args[1:], **value.kwargs)
+            return value.target(*args, **value.kwargs)
         raise FusionRefused(
             Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
         )
@@ -165,6 +175,14 @@ class Context:
         record = Refusal(rule, refusal.reason, refusal.message, tuple(describe(n) for n in nodes))
         if record not in self.refusals:
             self.refusals.append(record)
+
+
+_RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
+
+
+def _reshapes(node: Node) -> bool:
+    """Whether `node` only rearranges the values of its first argument (no arithmetic)."""
+    return node.op in ("call_method", "call_function") and node.target in _RESHAPES
 
 
 def _is_attr(value: Any) -> bool:
@@ -287,12 +305,12 @@ class Engine:
             out.replace_all_uses_with(new)
             new.meta.setdefault("reparam", {"rules": sorted(region.rules), "sources": []})["replaces"] = out.name
             replaced[out] = new
-            attributes: set[Node] = set()
+            constants: list[Node] = []
             for node in sorted(region.nodes, key=position.__getitem__, reverse=True):
                 if not node.users:
-                    attributes.update(a for a in node.all_input_nodes if a.op == "get_attr")
+                    constants += node.all_input_nodes
                     graph.erase_node(node)
-            _erase_unused_attributes(gm, attributes)
+            _erase_unused_constants(gm, constants)
         return new_convs
 
 
@@ -368,13 +386,21 @@ def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
     return any(user not in regions or node not in regions[user].nodes for user in node.users)
 
 
-def _erase_unused_attributes(gm: GraphModule, candidates: set[Node]) -> None:
-    """Erase `get_attr` nodes left without users, and the tensors no remaining node reads."""
-    for node in candidates:
-        if not node.users:
-            gm.graph.erase_node(node)
+def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
+    """Erase the constants (tensor attributes, reshaped) left without users, and the tensors no node reads."""
+    attributes: set[str] = set()
+    erased: set[Node] = set()
+    while candidates:
+        node = candidates.pop()
+        if node in erased or node.users or not (node.op == "get_attr" or _reshapes(node)):
+            continue
+        erased.add(node)
+        if node.op == "get_attr":
+            attributes.add(str(node.target))
+        candidates += node.all_input_nodes
+        gm.graph.erase_node(node)
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in {str(n.target) for n in candidates} - still_read:
+    for target in attributes - still_read:
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
         if hasattr(owner, name):

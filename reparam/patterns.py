@@ -122,16 +122,17 @@ class Var(Pattern):
 
 
 class Const(Pattern):
-    """A constant argument: a Python number or a tensor stored on the model (`get_attr`)."""
+    """A constant argument: a Python number, or a tensor stored on the model (maybe reshaped)."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
 
     def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
         if isinstance(value, Node):
-            if value.op != "get_attr":
+            try:
+                value = ctx.constant(value)
+            except FusionRefused:
                 return
-            value = ctx.constant(value)
         yield state.capture(self.name, value)
 
 

@@ -1,16 +1,18 @@
 """The built-in rules, one file per transform, numbered as in the Diverse Branch Block paper.
 
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
-`functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI.
+`functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
+multiplies and adds (layer-scale, shifts).
 """
 
 from .avg_pool import AVG_POOL
-from .branch_sum import CONSTANT, SUM
+from .branch_sum import SUM
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .multiscale import CONV
+from .scale import DIVIDE, SCALE, SHIFT
 from .sequential import BN_AND_PAD
 
 BUILTIN_RULES = (
@@ -21,7 +23,9 @@ BUILTIN_RULES = (
     BN_AND_PAD,
     AVG_POOL,
     SUM,
-    CONSTANT,
+    SCALE,
+    DIVIDE,
+    SHIFT,
     CONCAT,
 )
 
@@ -31,9 +35,11 @@ __all__ = [
     "BN_AND_PAD",
     "BUILTIN_RULES",
     "CONCAT",
-    "CONSTANT",
     "CONV",
+    "DIVIDE",
     "FUNCTIONAL_BATCH_NORM",
     "FUNCTIONAL_CONV",
+    "SCALE",
+    "SHIFT",
     "SUM",
 ]

@@ -8,8 +8,8 @@ the weights and biases adding once embedded into a common geometry (VI). A branc
 linear region of x: conv, conv+BN, BN alone, a chain, another sum (so chained sums of any
 length fold), or x itself (`x + f(x)`: the identity kernel, written with any number of groups).
 Recognised in every spelling: `a + b`, `operator.add`, `torch.add` (without `alpha`), `Tensor.add`,
-`a += b` (which torch.fx records as an add), and `sum([...])`. A scalar constant is a branch
-too: `f(x) + c` adds c to the bias.
+`a += b` (which torch.fx records as an add), and `sum([...])` (with the shift rule for its
+leading `0 + ...`, see scale.py).
 
 Exact condition: the branches share a stride, their outputs align pixel for pixel and their
 padding modes agree (VI), otherwise `strides differ`, `outputs not aligned`, `padding mode`.
@@ -19,9 +19,8 @@ Paper: X. Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 202
 al., "Diverse Branch Block", CVPR 2021 (transform II).
 """
 
-from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import Add, Const, Linear, Match, Var
+from ..patterns import Add, Linear, Match, Var
 from ..rules import PatternRule
 
 x = Var("x")
@@ -33,13 +32,3 @@ def branch_sum(m: Match) -> Kernel:
 
 SUM = PatternRule("branch_sum", Add(Linear(x, "a"), Linear(x, "b")), branch_sum)
 
-
-def constant_branch(m: Match) -> Kernel:
-    constant = m.value("c")
-    if isinstance(constant, bool) or not isinstance(constant, int | float):
-        raise FusionRefused(Reason.GEOMETRY, f"only a scalar constant is a branch; got a {type(constant).__name__}")
-    return m.kernel("a").shifted(constant)
-
-
-# a constant is a branch too: `f(x) + c` shifts the bias (and `sum([...])` starts from `0 + ...`)
-CONSTANT = PatternRule("constant_branch", Add(Linear(x, "a", identity=False), Const("c")), constant_branch)

@@ -1,0 +1,71 @@
+"""Scale and shift layers: `f(x) * s` and `f(x) + t`, per channel, folded into the conv before.
+
+A multiply or an add by a constant that is the same at every position is the per-channel
+affine map `y[c] = s[c] * z[c] + t[c]`, so after a linear region f it composes like a BN (I):
+
+    (f(x) * s)  = (s f)(x),     W' = s[o] W[o, ...],  b' = s b
+    (f(x) + t)  = (f + t)(x),   b' = b + t
+
+This covers `x * const`, `x * param` (a layer-scale gamma), `x / const`, `x + const` and
+`sum([...])` (which starts from `0 + ...`). The constant may be a Python number or a tensor
+stored on the model that broadcasts per channel: a scalar, or shape `(C, 1, ..., 1)` /
+`(1, C, 1, ..., 1)` (for a linear layer's `(batch, features)` output, `(C,)` or `(1, C)`).
+
+Exact condition: the constant is one (not computed in forward: `not constant`) and it varies
+at most along channels (`geometry` otherwise: a per-position constant is not a convolution).
+
+Paper: the layer-scale of ConvNeXt / UniRepLKNet, and MobileOne's scale branches
+(P. K. A. Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023).
+"""
+
+import operator
+
+import torch
+
+from ..errors import FusionRefused, Reason
+from ..kernel import Kernel
+from ..patterns import Add, Call, Const, Linear, Match, Mul, Var
+from ..rules import PatternRule
+
+x = Var("x")
+
+
+def per_channel(constant: object, like: Kernel) -> torch.Tensor:
+    """`constant` as a float64 vector over `like`'s output channels, if it broadcasts per channel."""
+    channels, dims = like.out_channels, like.spatial_dims
+    if isinstance(constant, bool) or not isinstance(constant, int | float | torch.Tensor):
+        raise FusionRefused(Reason.GEOMETRY, f"a {type(constant).__name__} is not a numeric constant")
+    value = torch.as_tensor(constant, dtype=torch.float64).detach().to(like.weight.device, torch.float64)
+    shapes = {(), (1,) * (dims + 1), (1,) * (dims + 2), (channels,) + (1,) * dims, (1, channels) + (1,) * dims}
+    if tuple(value.shape) not in shapes:
+        raise FusionRefused(
+            Reason.GEOMETRY, f"a constant of shape {tuple(value.shape)} does not act per channel on {channels} channels"
+        )
+    return value.reshape(-1).expand(channels) if value.numel() == 1 else value.reshape(-1)
+
+
+def scale(m: Match) -> Kernel:
+    kernel = m.kernel("a")
+    s = per_channel(m.value("s"), kernel)
+    return kernel.then(Kernel.affine(s, torch.zeros_like(s), kernel.spatial_dims))
+
+
+def divide(m: Match) -> Kernel:
+    if m.node("op").kwargs or len(m.node("op").args) != 2:
+        raise FusionRefused(Reason.GEOMETRY, "a division with a rounding mode is not linear")
+    kernel = m.kernel("a")
+    s = per_channel(m.value("s"), kernel)
+    return kernel.then(Kernel.affine(1 / s, torch.zeros_like(s), kernel.spatial_dims))
+
+
+def shift(m: Match) -> Kernel:
+    kernel = m.kernel("a")
+    t = per_channel(m.value("t"), kernel)
+    return kernel.then(Kernel.affine(torch.ones_like(t), t, kernel.spatial_dims))
+
+
+_REGION = Linear(x, "a", identity=False)
+
+SCALE = PatternRule("scale", Mul(_REGION, Const("s")), scale)
+DIVIDE = PatternRule("divide", Call((operator.truediv, torch.div, "div"), _REGION, Const("s"), name="op"), divide)
+SHIFT = PatternRule("shift", Add(_REGION, Const("t")), shift)
