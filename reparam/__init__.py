@@ -18,6 +18,7 @@ from .errors import (
     TrainingModeError,
     VerificationError,
 )
+from .export import fuse_exported, fuse_exported_with_report
 from .kernel import Kernel
 from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set
@@ -62,6 +63,8 @@ __all__ = [
     "Var",
     "blocks",
     "fuse",
+    "fuse_exported",
+    "fuse_exported_with_report",
     "fuse_with_report",
     "patterns",
     "register",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
@@ -100,6 +101,25 @@ class Context:
             Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
         )
 
+    def rank(self, node: Node) -> int | None:
+        """The number of dims of `node`'s value, where shapes were propagated or the graph shows it."""
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            return len(meta.shape)
+        if node.op == "call_module":
+            module = self.module(node)
+            if isinstance(module, nn.Flatten):
+                return 2 if (module.start_dim, module.end_dim) == (1, -1) else None
+            return self.rank(node.args[0]) if isinstance(module, _KEEPS_RANK) and node.args else None
+        if node.target in (torch.flatten, "flatten"):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if (start, end) == (1, -1) else None
+        if node.target in (torch.relu, F.relu, F.gelu, F.silu, operator.add, operator.mul) and node.args:
+            ranks = {self.rank(a) for a in node.args if isinstance(a, Node)}
+            return ranks.pop() if len(ranks) == 1 else None
+        return None
+
     def check_not_shared(self, node: Node) -> None:
         """Refuse (`shared module`) a call whose module or weights are also used elsewhere.
 
@@ -148,7 +168,7 @@ class Context:
                     "engine",
                     Reason.SHARED_INTERMEDIATE,
                     f"{describe(producer)} is also used by {', '.join(others)}; folding it into "
-                    f"{describe(consumer)} would change what they see, so it is fused on its own",
+                    f"{describe(consumer)} would change what they see, so it stays a separate region",
                     (describe(producer), describe(consumer)),
                 )
             )
@@ -177,6 +197,7 @@ class Context:
             self.refusals.append(record)
 
 
+_KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity)
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
 
 
@@ -434,8 +455,8 @@ def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:
 
 def _preferred_name(region: Region) -> str:
     """A chain is named after its first layer; a region of several branches `<their common parent>.conv`."""
-    if isinstance(region, Chain):
-        return _preferred_name(region.parts[0])
+    if isinstance(region, Chain):  # after its first conv-like layer (not a BN folded into it)
+        return _preferred_name(next((p for p in region.parts if not p.kernel.is_channelwise), region.parts[0]))
     if isinstance(region, Leaf) or len(region.sources) == 1:
         return describe(region.sources[0])
     paths = [describe(n).split(".") for n in region.sources]

@@ -134,15 +134,17 @@ class ExpandReport:
     def __str__(self) -> str:
         how = "traced with torch.fx" if self.traced else f"not traceable ({self.trace_error}); modules replaced"
         lines = [
-            f"expand(block={self.block!r}, init={self.init!r}): {len(self.replaced)} replaced, "
-            f"{len(self.skipped)} skipped; {how}"
+            (
+                f"expand(block={self.block!r}, init={self.init!r}): {len(self.replaced)} replaced, "
+                f"{len(self.skipped)} skipped; {how}"
+            )
         ]
         for e in self.replaced:
             absorbed = f" + {e.batchnorm}" if e.batchnorm else ""
             note = f"  ({e.note})" if e.note else ""
-            lines.append(f"  replaced {e.module + absorbed:<36} -> {e.block_type}{note}")
+            lines.append(f"  replaced {(e.module or '<root>') + absorbed:<36} -> {e.block_type}{note}")
         for s in self.skipped:
-            lines.append(f"  skipped  {s.module:<36} {s.reason.value}: {s.message}")
+            lines.append(f"  skipped  {s.module or '<root>':<36} {s.reason.value}: {s.message}")
         return "\n".join(lines)
 
 
@@ -201,7 +203,7 @@ def expand(model: nn.Module, block: str | Expander = "dbb", init: str = "preserv
     with `register_expander`) or an expander function. `init="preserve"` starts from the
     function of `model` (exactly, in eval and train mode); `init="random"` uses the blocks'
     standard initialization. `model` is left as it was. `reparam.fuse(expand(model).eval())`
-    has the conv structure of `model` again.
+    has the conv structure of `reparam.fuse(model)` again (same convs, same weight shapes).
 
     See `expand_with_report` for what was replaced and what was skipped, and why.
     """
@@ -287,13 +289,11 @@ def _plan(model: nn.Module) -> _Plan:
     inside_block: list[str] = []
     convs: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in inside_block):
+        if any(_under(path, prefix) for prefix in inside_block):
             continue
         if isinstance(module, blocks):
             inside_block.append(path)
-            plan.skipped.append(
-                Skip(path, SkipReason.IN_BLOCK, f"a {type(module).__name__} already; its convs are left alone")
-            )
+            plan.skipped.append(Skip(path, SkipReason.IN_BLOCK, f"{type(module).__name__}; its convs are left alone"))
         elif isinstance(module, nn.modules.conv._ConvNd):
             convs.append((path, module))
 
@@ -301,18 +301,22 @@ def _plan(model: nn.Module) -> _Plan:
     for path, module in convs:
         if type(module) is not nn.Conv2d:
             plan.skipped.append(
-                Skip(path, SkipReason.NOT_CONV2D, f"a {type(module).__name__}; only plain nn.Conv2d layers are expanded")
+                Skip(
+                    path, SkipReason.NOT_CONV2D, f"a {type(module).__name__}; only plain nn.Conv2d layers are expanded"
+                )
             )
         elif len(names[id(module)]) > 1:
             plan.skipped.append(
-                Skip(path, SkipReason.SHARED, f"the same module is also registered as {', '.join(names[id(module)][1:])}")
+                Skip(
+                    path, SkipReason.SHARED, f"the same module is also registered as {', '.join(names[id(module)][1:])}"
+                )
             )
         else:
             candidates.append(path)
 
     try:
         graph = torch.fx.Tracer().trace(model)
-    except Exception as error:  # untraceable: replace modules one by one, never absorbing a BN
+    except Exception as error:  # noqa: BLE001 (untraceable: replace modules one by one, never absorbing a BN)
         plan.trace_error = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         note = "BN not absorbed: the model does not trace with torch.fx"
         plan.candidates = [_Candidate(path, None, note) for path in candidates]
@@ -343,6 +347,11 @@ def _plan(model: nn.Module) -> _Plan:
     return plan
 
 
+def _under(path: str, prefix: str) -> bool:
+    """True if the module at `path` lies inside the module at `prefix` ("" is the root)."""
+    return prefix == "" or path.startswith(prefix + ".")
+
+
 def _following_batchnorm(
     node: torch.fx.Node,
     modules: dict[str, nn.Module],
@@ -352,9 +361,7 @@ def _following_batchnorm(
     inside_block: list[str],
 ) -> tuple[str | None, str]:
     """The path of the BN the conv's block may absorb (or None), and a note when a BN is not absorbed."""
-    bn_users = [
-        u for u in node.users if u.op == "call_module" and type(modules.get(u.target)) is nn.BatchNorm2d
-    ]
+    bn_users = [u for u in node.users if u.op == "call_module" and type(modules.get(u.target)) is nn.BatchNorm2d]
     if not bn_users:
         return None, ""
     if len(node.users) > 1:
@@ -366,7 +373,7 @@ def _following_batchnorm(
         return None, "BN not absorbed: the BN module is shared or called with other arguments"
     if path in read_directly:
         return None, "BN not absorbed: forward reads its parameters directly"
-    if any(path.startswith(prefix + ".") for prefix in inside_block):
+    if any(_under(path, prefix) for prefix in inside_block):
         return None, "BN not absorbed: it belongs to a training-time block"
     if bn.running_mean is None or bn.running_var is None:
         return None, "BN not absorbed: it keeps no running statistics (track_running_stats=False)"
@@ -400,7 +407,7 @@ def check_geometry(conv: nn.Conv2d, kind: str, kernel_sizes: Callable[[int], boo
         raise Ineligible(f"an even {kh}x{kh} kernel has no centre pixel for the other branches", SkipReason.KERNEL)
     if not kernel_sizes(kh):
         raise Ineligible(f"a {kh}x{kh} kernel; {kind} blocks need {wanted}", SkipReason.KERNEL)
-    if False:
+    if tuple(conv.dilation) != (1, 1):
         raise Ineligible(f"dilation {tuple(conv.dilation)}; {kind} blocks are not dilated", SkipReason.DILATION)
     padding = _same_padding(conv)
     if padding != (kh // 2, kh // 2):
@@ -481,7 +488,12 @@ def mobileone_expander(num_branches: int = 4) -> Expander:
     def build(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, init: str) -> nn.Module:
         k = check_geometry(conv, "mobileone", lambda k: k >= 1, "an odd K")
         block = MobileOneBlock(
-            conv.in_channels, conv.out_channels, k, _stride(conv), conv.groups, num_branches  # type: ignore[arg-type]
+            conv.in_channels,
+            conv.out_channels,
+            k,
+            _stride(conv),
+            conv.groups,
+            num_branches,  # type: ignore[arg-type]
         )
         block.act = nn.Identity()
         zeroed = [branch.bn for branch in block.branches[1:]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from itertools import product
 
 import torch
@@ -29,14 +30,16 @@ from torch import Tensor, nn
 from .errors import FusionRefused, Reason
 
 _CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_CLASSES: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 @dataclass(frozen=True, eq=False)
 class Kernel:
-    """An N-d convolution with bias (N = 1, 2 or 3), stored in float64.
+    """An N-d convolution with bias (N = 1, 2 or 3; N = 0 is a linear layer), stored in float64.
 
-    `weight` has shape `(out_channels, in_channels // groups, *kernel_size)`; `dtype` is the
-    dtype to cast back to. Build kernels with the constructors (`conv`, `from_conv`,
+    `weight` has shape `(out_channels, in_channels // groups, *kernel_size)`, or for a transposed
+    convolution `(in_channels, out_channels // groups, *kernel_size)`; `dtype` is the dtype to
+    cast back to. Build kernels with the constructors (`conv`, `from_conv`,
     `from_batchnorm`, `affine`, `identity`); they normalise the geometry so that equal maps
     have equal geometry (a size-1 dimension has dilation 1, an unpadded kernel has padding
     mode "zeros").
@@ -50,6 +53,8 @@ class Kernel:
     groups: int
     padding_mode: str
     dtype: torch.dtype
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
     # ----------------------------------------------------------------- constructors
 
@@ -66,7 +71,7 @@ class Kernel:
     ) -> Kernel:
         """The kernel of `F.convNd(x, weight, bias, stride, padding, dilation, groups)`."""
         dims = weight.dim() - 2
-        if dims not in _CONV_CLASSES:
+        if dims not in (0, *_CONV_CLASSES):
             raise FusionRefused(Reason.GEOMETRY, f"a {dims}-d convolution is not supported (1d, 2d and 3d are)")
         size = tuple(weight.shape[2:])
         dilation = tuple(d if k > 1 else 1 for d, k in zip(_expand(dilation, dims), size))
@@ -86,10 +91,26 @@ class Kernel:
 
     @classmethod
     def from_conv(cls, conv: nn.Module) -> Kernel:
-        """The kernel of an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`."""
+        """The kernel of an `nn.Conv1d/2d/3d` or an `nn.ConvTranspose1d/2d/3d`."""
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            dims = conv.weight.dim() - 2
+            kernel = cls.conv(conv.weight, None, conv.stride, conv.padding, conv.dilation, 1)
+            bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+            return replace(
+                kernel,
+                bias=bias.detach().to(torch.float64),
+                groups=conv.groups,
+                transposed=True,
+                output_padding=_expand(conv.output_padding, dims),
+            )
         return cls.conv(
             conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
         )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Kernel:
+        """The kernel of an `nn.Linear` acting on `(batch, features)`: a convolution with no spatial dims."""
+        return cls.conv(linear.weight, linear.bias)
 
     @classmethod
     def affine(cls, scale: Tensor, shift: Tensor, spatial_dims: int) -> Kernel:
@@ -172,16 +193,17 @@ class Kernel:
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
 
     @property
     def is_pointwise(self) -> bool:
         """True for a 1x..x1 kernel with stride 1 and no padding: it maps each position on its own."""
-        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and not any(self.padding)
+        size, stride = self.kernel_size, self.stride
+        return not self.transposed and all(k == 1 for k in size) and all(s == 1 for s in stride) and not any(self.padding)
 
     @property
     def is_channelwise(self) -> bool:
@@ -189,9 +211,15 @@ class Kernel:
         return self.is_pointwise and self.groups == self.in_channels == self.out_channels
 
     @property
-    def macs(self) -> int:
-        """Multiply-accumulates per output position."""
-        return self.weight.numel()
+    def output_density(self) -> Fraction:
+        """Output positions per input position: 1/stride, or stride for a transposed convolution."""
+        positions = math.prod(self.stride)
+        return Fraction(positions) if self.transposed else Fraction(1, positions)
+
+    @property
+    def macs_per_input(self) -> Fraction:
+        """Multiply-accumulates per input position."""
+        return self.weight.numel() * (1 if self.transposed else self.output_density)
 
     @property
     def params(self) -> int:
@@ -212,6 +240,12 @@ class Kernel:
         `after` would read zeros where the composed kernel reads self's bias: `border not exact`.
         """
         self, after = _same_dims(self, after)
+        if self.transposed or after.transposed:
+            if self.transposed and after.is_channelwise and self.out_channels == after.in_channels:
+                return self._scaled(after)
+            raise FusionRefused(
+                Reason.GEOMETRY, "a transposed convolution composes only with a per-channel map after it (a BN)"
+            )
         if self.out_channels != after.in_channels:
             raise FusionRefused(
                 Reason.GEOMETRY, f"{self.out_channels} channels feed a kernel expecting {after.in_channels}"
@@ -227,14 +261,8 @@ class Kernel:
                 "kernel's output there would not be what that padding assumes (pad explicitly before the second "
                 "kernel with the first one's border value, or fuse only unpadded chains)",
             )
-        if after.is_channelwise:  # a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t
-            scale = after.weight.reshape(-1)
-            return replace(
-                self,
-                weight=self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1)),
-                bias=self.bias * scale + after.bias,
-                dtype=torch.promote_types(self.dtype, after.dtype),
-            )
+        if after.is_channelwise:
+            return self._scaled(after)
         groups = math.gcd(self.groups, after.groups)
         first, second = self.regrouped(groups), after.regrouped(groups)
         size, dilation, starts, steps = [], [], [], []
@@ -262,8 +290,19 @@ class Kernel:
             dilation=tuple(dilation),
             groups=groups,
             padding_mode=padding_mode,
-            dtype=torch.promote_types(self.dtype, after.dtype),
+            dtype=self.dtype,
         )
+
+    def _scaled(self, after: Kernel) -> Kernel:
+        """`self` followed by a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t."""
+        scale = after.weight.reshape(-1)
+        if self.transposed:  # output channels run along dim 1, within each group
+            groups, size = self.groups, [1] * self.spatial_dims
+            grouped = self.weight.view(groups, -1, self.out_channels // groups, *self.kernel_size)
+            weight = (grouped * scale.view(groups, 1, -1, *size)).reshape(self.weight.shape)
+        else:
+            weight = self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1))
+        return replace(self, weight=weight, bias=self.bias * scale + after.bias)
 
     def __add__(self, other: Kernel) -> Kernel:
         """The single kernel computing `self(x) + other(x)`: both embedded into a common geometry, then summed.
@@ -277,9 +316,11 @@ class Kernel:
                 Reason.GEOMETRY, f"branches with {self.out_channels} and {other.out_channels} output channels"
             )
         a, b = aligned([self, other])
+        if a.transposed and a.groups != b.groups:
+            raise FusionRefused(Reason.GEOMETRY, f"transposed branches with {a.groups} and {b.groups} groups")
         groups = math.gcd(a.groups, b.groups)
         a, b = a.regrouped(groups), b.regrouped(groups)
-        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dtype=torch.promote_types(a.dtype, b.dtype))
+        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias)
 
     def shifted(self, constant: float) -> Kernel:
         """The kernel computing `self(x) + constant`."""
@@ -319,8 +360,15 @@ class Kernel:
 
     def __call__(self, x: Tensor) -> Tensor:
         """Apply the kernel to `x` in float64 (a reference for tests; deployment uses `to_module`)."""
-        conv = getattr(F, f"conv{self.spatial_dims}d")
         x = x.to(torch.float64)
+        if self.spatial_dims == 0:
+            return F.linear(x, self.weight, self.bias)
+        if self.transposed:
+            transposed = getattr(F, f"conv_transpose{self.spatial_dims}d")
+            return transposed(
+                x, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+            )
+        conv = getattr(F, f"conv{self.spatial_dims}d")
         padding: tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
@@ -328,21 +376,36 @@ class Kernel:
         return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def to_module(self) -> nn.Module:
-        """An `nn.ConvNd` computing this kernel, in the original dtype, on the kernel's device."""
-        conv = nn.utils.skip_init(
-            _CONV_CLASSES[self.spatial_dims],
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=True,
-            padding_mode=self.padding_mode,
-            device=self.weight.device,
-            dtype=self.dtype,
-        )
+        """An `nn.ConvNd` (`nn.ConvTransposeNd`, `nn.Linear`) computing this kernel, in the original dtype."""
+        where = {"device": self.weight.device, "dtype": self.dtype}
+        if self.spatial_dims == 0:
+            conv = nn.utils.skip_init(nn.Linear, self.in_channels, self.out_channels, **where)
+        elif self.transposed:
+            conv = nn.utils.skip_init(
+                _TRANSPOSED_CLASSES[self.spatial_dims],
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                output_padding=self.output_padding,
+                groups=self.groups,
+                dilation=self.dilation,
+                **where,
+            )
+        else:
+            conv = nn.utils.skip_init(
+                _CONV_CLASSES[self.spatial_dims],
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups,
+                padding_mode=self.padding_mode,
+                **where,
+            )
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             conv.bias.copy_(self.bias)
@@ -355,16 +418,10 @@ def concatenated(kernels: list[Kernel]) -> Kernel:
     Exact under the same condition as a sum (same input, stride and centre, see `aligned`).
     The stacked kernel has one group: the branches' groups do not interleave.
     """
+    if any(k.transposed for k in kernels):
+        raise FusionRefused(Reason.GEOMETRY, "concatenated transposed convolutions are not fused")
     parts = [k.regrouped(1) for k in aligned(kernels)]
-    dtype = parts[0].dtype
-    for part in parts[1:]:
-        dtype = torch.promote_types(dtype, part.dtype)
-    return replace(
-        parts[0],
-        weight=torch.cat([k.weight for k in parts]),
-        bias=torch.cat([k.bias for k in parts]),
-        dtype=dtype,
-    )
+    return replace(parts[0], weight=torch.cat([k.weight for k in parts]), bias=torch.cat([k.bias for k in parts]))
 
 
 def aligned(kernels: list[Kernel]) -> list[Kernel]:
@@ -379,6 +436,8 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     kernels = [_same_dims(kernels[-1], k)[1] for k in kernels]
     first = kernels[0]
     for other in kernels[1:]:
+        if (other.transposed, other.output_padding) != (first.transposed, first.output_padding):
+            raise FusionRefused(Reason.GEOMETRY, "a transposed and a plain branch, or different output paddings")
         if other.in_channels != first.in_channels:
             raise FusionRefused(
                 Reason.GEOMETRY, f"branches read {first.in_channels} and {other.in_channels} input channels"

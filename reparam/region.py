@@ -34,12 +34,12 @@ class Cost:
     @classmethod
     def of(cls, kernel: Kernel) -> Cost:
         """The cost of running `kernel` as one conv."""
-        return cls(Fraction(kernel.macs, math.prod(kernel.stride)), kernel.params)
+        return cls(kernel.macs_per_input, kernel.params)
 
     @classmethod
     def elementwise(cls, kernel: Kernel) -> Cost:
         """One operation per element of `kernel`'s output (an add, a multiply)."""
-        return cls(Fraction(kernel.out_channels, math.prod(kernel.stride)), 0)
+        return cls(kernel.out_channels * kernel.output_density, 0)
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.macs + other.macs, self.params + other.params)
@@ -211,7 +211,7 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
     parts = region.parts
     densities = [Fraction(1)]
     for part in parts:
-        densities.append(densities[-1] / math.prod(part.kernel.stride))
+        densities.append(densities[-1] * part.kernel.output_density)
     singles = [_plan(p, allow_fusion) for p in parts]
     single_costs = [cost.at_density(d) for (_, cost), d in zip(singles, densities)]
     segment_kernels: dict[tuple[int, int], Kernel] = {}

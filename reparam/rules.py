@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import nn
 from torch.fx import Node
 
-from .errors import FusionRefused, InvalidPatternError
+from .errors import FusionRefused, InvalidPatternError, Reason
 from .kernel import Kernel
 from .patterns import AnyOf, Linear, Match, Pattern, State, Var, walk
 from .region import FREE, Region, chain, leaf, matched
@@ -54,11 +54,15 @@ class LinearLayer:
     resolved to tensors). It raises `FusionRefused` when, for this call, the layer is not a
     fixed kernel. Module types are matched exactly, not by subclass: a subclass may override
     `forward`. Functions are kept as single nodes when tracing (`torch.fx` autowrap).
+
+    `features_last` marks layers that act on the last dimension (`nn.Linear`): they are a kernel
+    over channels only on `(batch, features)` inputs, which the engine must see to be true.
     """
 
     name: str
     targets: tuple[type[nn.Module] | Callable[..., Any], ...]
     kernel: Callable[..., Kernel]
+    features_last: bool = False
 
     @property
     def anchors(self) -> tuple[Anchor, ...]:
@@ -79,6 +83,12 @@ class LinearLayer:
             return None
         try:
             ctx.check_not_shared(node)
+            if self.features_last and ctx.rank(node.args[0]) != 2:
+                raise FusionRefused(
+                    Reason.GEOMETRY,
+                    f"{self.name} maps the last dim, which is the channel dim only on (batch, features) inputs; "
+                    "this input's rank is unknown (flatten before it, or pass example_inputs)",
+                )
         except FusionRefused as refusal:
             ctx.barrier(node, self.name, refusal)
             return None

@@ -9,21 +9,23 @@ import torch
 from torch import nn
 
 
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
 def conv_bn(
     in_channels: int,
     out_channels: int,
-    kernel_size: int | tuple[int, int],
+    kernel_size: int | tuple[int, ...],
     stride: int = 1,
-    padding: int | tuple[int, int] = 0,
+    padding: int | tuple[int, ...] = 0,
     groups: int = 1,
+    dilation: int = 1,
+    spatial_dims: int = 2,
 ) -> nn.Sequential:
-    """A bias-free conv followed by BatchNorm, as `Sequential(conv=..., bn=...)`."""
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
-            bn=nn.BatchNorm2d(out_channels),
-        )
-    )
+    """A bias-free conv followed by BatchNorm, as `Sequential(conv=..., bn=...)` (1d, 2d or 3d)."""
+    conv = CONV[spatial_dims](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
+    return nn.Sequential(OrderedDict(conv=conv, bn=BATCHNORM[spatial_dims](out_channels)))
 
 
 ConvBNFactory = Callable[[int, int, int, int], nn.Module]

@@ -5,22 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .common import conv_bn
+from .common import BATCHNORM, conv_bn
 
 
 class RepVGGBlock(nn.Module):
     """RepVGG's training-time block: `relu(bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x))`.
 
     The BN-only identity branch exists when the block keeps its shape (same channels, stride 1).
-    Deployed, it is one 3x3 conv followed by the ReLU.
+    Deployed, it is one 3x3 conv followed by the ReLU. `spatial_dims` 1 or 3 gives the audio and
+    video versions.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
-        self.dense = conv_bn(in_channels, out_channels, 3, stride, 1, groups)
-        self.pointwise = conv_bn(in_channels, out_channels, 1, stride, 0, groups)
+        dims = {"groups": groups, "spatial_dims": spatial_dims}
+        self.dense = conv_bn(in_channels, out_channels, 3, stride, 1, **dims)
+        self.pointwise = conv_bn(in_channels, out_channels, 1, stride, 0, **dims)
         keeps_shape = in_channels == out_channels and stride == 1
-        self.identity = nn.BatchNorm2d(in_channels) if keeps_shape else None
+        self.identity = BATCHNORM[spatial_dims](in_channels) if keeps_shape else None
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -34,6 +38,7 @@ class RepVGG(nn.Module):
     """A RepVGG classifier: five stages of `RepVGGBlock`s, the first block of each with stride 2.
 
     `RepVGG.a0()` is the paper's A0: blocks [1, 2, 4, 14, 1], width multipliers a=0.75, b=2.5.
+    `RepVGG.b0()` is the paper's B0: blocks [1, 4, 6, 16, 1], width multipliers a=1, b=2.5.
     """
 
     def __init__(
@@ -55,6 +60,12 @@ class RepVGG(nn.Module):
         a, b = 0.75, 2.5
         widths = (min(64, int(64 * a)), int(64 * a), int(128 * a), int(256 * a), int(512 * b))
         return cls((1, 2, 4, 14, 1), widths, num_classes)
+
+    @classmethod
+    def b0(cls, num_classes: int = 1000) -> RepVGG:
+        a, b = 1.0, 2.5
+        widths = (min(64, int(64 * a)), int(64 * a), int(128 * a), int(256 * a), int(512 * b))
+        return cls((1, 4, 6, 16, 1), widths, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.flatten(self.pool(self.stages(x)), 1))

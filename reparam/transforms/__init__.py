@@ -2,15 +2,17 @@
 
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
 `functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
-multiplies and adds (layer-scale, shifts).
+multiplies and adds (layer-scale, shifts), `linear` nn.Linear and transposed convs.
 """
 
+from .aten import ATEN_RULES
 from .avg_pool import AVG_POOL
 from .branch_sum import SUM
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
+from .linear import LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
 from .scale import DIVIDE, SCALE, SHIFT
 from .sequential import BN_AND_PAD
@@ -20,6 +22,8 @@ BUILTIN_RULES = (
     BATCHNORM,
     FUNCTIONAL_CONV,
     FUNCTIONAL_BATCH_NORM,
+    LINEAR,
+    TRANSPOSED_CONV,
     BN_AND_PAD,
     AVG_POOL,
     SUM,
@@ -27,9 +31,11 @@ BUILTIN_RULES = (
     DIVIDE,
     SHIFT,
     CONCAT,
+    *ATEN_RULES,  # the same transforms in torch.export's aten spelling
 )
 
 __all__ = [
+    "ATEN_RULES",
     "AVG_POOL",
     "BATCHNORM",
     "BN_AND_PAD",
@@ -39,7 +45,9 @@ __all__ = [
     "DIVIDE",
     "FUNCTIONAL_BATCH_NORM",
     "FUNCTIONAL_CONV",
+    "LINEAR",
     "SCALE",
     "SHIFT",
     "SUM",
+    "TRANSPOSED_CONV",
 ]

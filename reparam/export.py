@@ -1,0 +1,313 @@
+"""Fusing programs that were already exported with `torch.export`.
+
+    ep = torch.export.export(model.eval(), (x,))
+    fused_ep = reparam.fuse_exported(ep)            # an ExportedProgram with one conv per block
+
+An `ExportedProgram` is a graph of aten operators (`aten.conv2d`, `aten.batch_norm`, or after
+`run_decompositions()` `aten.convolution` and `aten._native_batch_norm_legit_no_training`) with
+the model's parameters and buffers as inputs. `ep.module()` turns it back into a
+`torch.fx.GraphModule` whose weights are attributes, which the engine fuses with the same
+rules as any traced model (the aten spellings are in `reparam/transforms/aten.py`). The fused
+module is exported again with the program's example inputs, keeping its dynamic dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .engine import Engine
+from .errors import ReparamError, StrictModeError, TrainingModeError
+from .registry import RuleSet, resolve
+from .report import FuseReport
+from .rules import Rule
+from .verify import compare
+
+aten = torch.ops.aten
+
+__all__ = ["fuse_exported", "fuse_exported_with_report", "unexported"]
+
+
+def fuse_exported(
+    ep: torch.export.ExportedProgram,
+    *,
+    example_args: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    rules: str | RuleSet | Iterable[Rule] = "default",
+    allow_costlier: bool = False,
+    verify: bool = False,
+    strict: bool = False,
+) -> torch.export.ExportedProgram:
+    """An `ExportedProgram` computing the same function as `ep`, its linear regions fused into convs.
+
+    Example (two RepVGG blocks, exported, become two convs)::
+
+        >>> import torch, reparam
+        >>> from reparam.blocks import RepVGGBlock
+        >>> model = torch.nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 8, stride=2)).eval()
+        >>> ep = torch.export.export(model, (torch.randn(2, 4, 16, 16),))
+        >>> fused = reparam.fuse_exported(ep)
+        >>> sum(n.target == torch.ops.aten.conv2d.default for n in fused.graph.nodes)
+        2
+
+    Args:
+        example_args, example_kwargs: inputs to export the fused module with; default: the
+            program's own `ep.example_inputs` (kept by `torch.export.export` and `save`/`load`).
+        dynamic_shapes: as for `torch.export.export`; default: every dimension that is
+            dynamic in `ep` stays dynamic (`Dim.AUTO` within the same range).
+        rules, allow_costlier, strict: as for `reparam.fuse`.
+        verify: run `ep` and the result on the example inputs and raise `VerificationError`
+            if they differ beyond the dtype's tolerance.
+    """
+    return fuse_exported_with_report(
+        ep,
+        example_args=example_args,
+        example_kwargs=example_kwargs,
+        dynamic_shapes=dynamic_shapes,
+        rules=rules,
+        allow_costlier=allow_costlier,
+        verify=verify,
+        strict=strict,
+    )[0]
+
+
+def fuse_exported_with_report(
+    ep: torch.export.ExportedProgram,
+    *,
+    example_args: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    rules: str | RuleSet | Iterable[Rule] = "default",
+    allow_costlier: bool = False,
+    verify: bool = False,
+    strict: bool = False,
+) -> tuple[torch.export.ExportedProgram, FuseReport]:
+    """`fuse_exported`, also returning the `FuseReport` (layers named by their module paths)."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"fuse_exported takes a torch.export.ExportedProgram, got {type(ep).__name__}")
+    _check_eval(ep)
+    args, kwargs = _example_inputs(ep, example_args, example_kwargs)
+    if dynamic_shapes is None and example_args is None and example_kwargs is None:
+        dynamic_shapes = _dynamic_shapes(ep)
+    gm, report = _fuse_module(ep, rules, allow_costlier)
+    if verify:  # name the first differing rewrite, if any
+        original = unexported(ep)
+        if kwargs:
+            compare(_Bound(original, kwargs), _Bound(gm, kwargs), args, None)
+        else:
+            compare(original, gm, args, original)
+    if strict and (report.refusals or report.untraced):
+        raise StrictModeError(f"strict=True and the program was not fully fused:\n{report}")
+    try:
+        fused = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as error:
+        raise ReparamError(
+            f"the fused module could not be exported again ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "pass example_args=(...) (and dynamic_shapes=...) that torch.export.export accepts"
+        ) from error
+    if verify:
+        compare(_Bound(ep.module(), kwargs), _Bound(fused.module(), kwargs), args, None)
+    return fused, report
+
+
+class _Bound(nn.Module):
+    """`module` with keyword inputs fixed, so that it takes positional inputs only."""
+
+    def __init__(self, module: nn.Module, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.module, self.kwargs = module, kwargs
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args, **self.kwargs)
+
+
+def unexported(ep: torch.export.ExportedProgram) -> GraphModule:
+    """`ep.module()` made ready to fuse: weights as attributes, eval-mode no-ops (dropout, clone) removed."""
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if _is_noop(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _is_noop(node: Node) -> bool:
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
+        return False
+    if node.target is aten.dropout.default:  # dropout(x, p, train): a no-op when not training
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    if node.target is aten.clone.default:  # decompositions write an eval dropout as clone(x)
+        source = node.args[0]
+        return source.op == "call_function" and node.kwargs.get("memory_format") in (None, torch.contiguous_format)
+    return False
+
+
+def _fuse_module(
+    ep: torch.export.ExportedProgram, rules: str | RuleSet | Iterable[Rule], allow_costlier: bool
+) -> tuple[GraphModule, FuseReport]:
+    gm = unexported(ep)
+    paths = _module_paths(gm)
+    with warnings.catch_warnings():
+        # the engine erases getitem nodes of a matched BN twice (harmless, reported upstream)
+        warnings.filterwarnings("ignore", message=r"erase_node\(.*\) on an already erased node")
+        report = Engine(resolve(rules), allow_costlier).run(gm)
+    return gm, _named_by_modules(gm, report, paths)
+
+
+_TRAINING_BN = ("_native_batch_norm_legit_functional", "_native_batch_norm_legit", "native_batch_norm")
+
+
+def _check_eval(ep: torch.export.ExportedProgram) -> None:
+    """Raise `TrainingModeError` if the program was exported from a model in training mode."""
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.overloadpacket.__name__
+        training = name == "batch_norm" and len(node.args) > 5 and node.args[5] is True
+        if training or name in _TRAINING_BN:
+            raise TrainingModeError(
+                f"the program was exported from a model in training mode ({node.name} is {node.target}: BatchNorm "
+                "normalizes with batch statistics and no fusion is exact); export model.eval() instead"
+            )
+
+
+def _example_inputs(
+    ep: torch.export.ExportedProgram, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args is None and kwargs is None:
+        stored = getattr(ep, "example_inputs", None)
+        if stored is None:
+            raise ReparamError(
+                "this ExportedProgram keeps no example inputs; pass example_args=(tensor, ...) to re-export it"
+            )
+        args, kwargs = stored
+    return tuple(args or ()), dict(kwargs or {})
+
+
+def _dynamic_shapes(ep: torch.export.ExportedProgram) -> Any:
+    """The dynamic dimensions of `ep`'s positional tensor inputs, as `Dim.AUTO` specs in the same ranges."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user = set(ep.graph_signature.user_inputs)
+    specs: list[Any] = []
+    dynamic = False
+    for node in placeholders:
+        if node.name not in user:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            specs.append(None)
+            continue
+        spec = {}
+        for index, size in enumerate(value.shape):
+            if isinstance(size, int):
+                continue
+            dynamic = True
+            bounds = ep.range_constraints.get(size.node.expr)
+            low, high = (_finite(bounds.lower), _finite(bounds.upper)) if bounds is not None else (None, None)
+            spec[index] = torch.export.Dim.AUTO(min=low if low and low > 1 else None, max=high)
+        specs.append(spec or None)
+    if not dynamic:
+        return None
+    args_spec, kwargs_spec = torch.utils._pytree.tree_unflatten(specs, ep.call_spec.in_spec)
+    if kwargs_spec:
+        raise ReparamError(
+            "the program has dynamic keyword inputs; pass dynamic_shapes=... to fuse_exported to re-export it"
+        )
+    return tuple(args_spec)
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int, None where it is infinite (sympy's and torch's infinities)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _module_paths(gm: GraphModule) -> dict[str, str]:
+    """Node name -> the path of the module that ran it (from torch.export's `nn_module_stack`)."""
+    paths = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path:
+                paths[node.name] = path
+    return paths
+
+
+def _named_by_modules(gm: GraphModule, report: FuseReport, paths: dict[str, str]) -> FuseReport:
+    """The report with aten node names replaced by module paths, and each new conv named after its layers."""
+
+    def names(values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(paths.get(v, v) for v in values))
+
+    renamed: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and "reparam" in node.meta and node.target not in renamed:
+            sources = names(tuple(node.meta["reparam"].get("sources", ())))
+            if sources and all(s in paths.values() for s in sources):
+                renamed[node.target] = _rename(
+                    gm, node, _preferred_name(sources, node.meta["reparam"].get("rules", ()))
+                )
+    gm.recompile()
+    return FuseReport(
+        [
+            dataclasses.replace(f, module=renamed.get(f.module, f.module), sources=names(f.sources))
+            for f in report.fusions
+        ],
+        [dataclasses.replace(r, nodes=names(r.nodes)) for r in report.refusals],
+        [dataclasses.replace(r, sources=names(r.sources)) for r in report.replacements],
+        list(report.untraced),
+    )
+
+
+def _preferred_name(sources: tuple[str, ...], rules: Iterable[str]) -> str:
+    """A chain is named after its first layer; branches `<their common parent>.conv` (as `reparam.fuse` does)."""
+    if len(sources) == 1 or not any(r.endswith(("branch_sum", "concat")) for r in rules):
+        return sources[0]
+    split = [s.split(".") for s in sources]
+    common: list[str] = []
+    for parts in zip(*split):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common[: min(len(p) for p in split) - 1] + ["conv"])
+
+
+def _rename(gm: GraphModule, node: Node, preferred: str) -> str:
+    old = str(node.target)
+    candidates = [preferred, f"{preferred}_fused"] + [f"{preferred}_fused_{i}" for i in range(1, 1000)]
+    new = next(c for c in candidates if c == old or _free(gm, c))
+    if new == old:
+        return old
+    module = gm.get_submodule(old)
+    parent, _, leaf = old.rpartition(".")
+    delattr(gm.get_submodule(parent), leaf)
+    gm.add_submodule(new, module)
+    for user in gm.graph.nodes:
+        if user.op == "call_module" and user.target == old:
+            user.target = new
+    return new
+
+
+def _free(gm: GraphModule, path: str) -> bool:
+    owner: object = gm
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            return True
+        owner = getattr(owner, part)
+        if not isinstance(owner, nn.Module):
+            return False
+    return False
