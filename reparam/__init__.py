@@ -19,6 +19,7 @@ from .errors import (
     VerificationError,
 )
 from .export import fuse_exported, fuse_exported_with_report
+from .expansion import ExpandReport, expand, expand_with_report, register_expander
 from .kernel import Kernel
 from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set
@@ -35,6 +36,7 @@ __all__ = [
     "Cat",
     "Const",
     "Conv",
+    "ExpandReport",
     "FuseReport",
     "Fusion",
     "FusionRefused",
@@ -62,12 +64,15 @@ __all__ = [
     "VerificationError",
     "Var",
     "blocks",
+    "expand",
+    "expand_with_report",
     "fuse",
     "fuse_exported",
     "fuse_exported_with_report",
     "fuse_with_report",
     "patterns",
     "register",
+    "register_expander",
     "register_layer",
     "register_replacement",
     "rule_set",

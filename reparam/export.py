@@ -31,7 +31,7 @@ from .verify import compare
 
 aten = torch.ops.aten
 
-__all__ = ["fuse_exported", "fuse_exported_with_report", "unexported"]
+__all__ = ["fuse_exported", "fuse_exported_in_steps", "fuse_exported_with_report", "unexported"]
 
 
 def fuse_exported(
@@ -90,6 +90,23 @@ def fuse_exported_with_report(
     strict: bool = False,
 ) -> tuple[torch.export.ExportedProgram, FuseReport]:
     """`fuse_exported`, also returning the `FuseReport` (layers named by their module paths)."""
+    options = {"rules": rules, "allow_costlier": allow_costlier, "verify": verify, "strict": strict}
+    fused, report, _ = fuse_exported_in_steps(ep, example_args, example_kwargs, dynamic_shapes, **options)
+    return fused, report
+
+
+def fuse_exported_in_steps(
+    ep: torch.export.ExportedProgram,
+    example_args: tuple[Any, ...] | None,
+    example_kwargs: dict[str, Any] | None,
+    dynamic_shapes: Any,
+    *,
+    rules: str | RuleSet | Iterable[Rule],
+    allow_costlier: bool,
+    verify: bool,
+    strict: bool,
+) -> tuple[torch.export.ExportedProgram, FuseReport, GraphModule]:
+    """`fuse_exported_with_report`, also returning the fused GraphModule it exported (for drawing it)."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"fuse_exported takes a torch.export.ExportedProgram, got {type(ep).__name__}")
     _check_eval(ep)
@@ -114,7 +131,7 @@ def fuse_exported_with_report(
         ) from error
     if verify:
         compare(_Bound(ep.module(), kwargs), _Bound(fused.module(), kwargs), args, None)
-    return fused, report
+    return fused, report, gm
 
 
 class _Bound(nn.Module):
@@ -162,6 +179,7 @@ def _fuse_module(
         # the engine erases getitem nodes of a matched BN twice (harmless, reported upstream)
         warnings.filterwarnings("ignore", message=r"erase_node\(.*\) on an already erased node")
         report = Engine(resolve(rules), allow_costlier).run(gm)
+    _erase_unread_attributes(gm)
     return gm, _named_by_modules(gm, report, paths)
 
 
@@ -180,6 +198,18 @@ def _check_eval(ep: torch.export.ExportedProgram) -> None:
                 f"the program was exported from a model in training mode ({node.name} is {node.target}: BatchNorm "
                 "normalizes with batch statistics and no fusion is exact); export model.eval() instead"
             )
+
+
+def _erase_unread_attributes(gm: GraphModule) -> None:
+    """Drop tensors nothing reads (a fused BN's `num_batches_tracked`), so the new program has no dead state."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            owner, _, name = str(node.target).rpartition(".")
+            if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+                delattr(gm.get_submodule(owner), name)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _example_inputs(
@@ -258,9 +288,8 @@ def _named_by_modules(gm: GraphModule, report: FuseReport, paths: dict[str, str]
         if node.op == "call_module" and "reparam" in node.meta and node.target not in renamed:
             sources = names(tuple(node.meta["reparam"].get("sources", ())))
             if sources and all(s in paths.values() for s in sources):
-                renamed[node.target] = _rename(
-                    gm, node, _preferred_name(sources, node.meta["reparam"].get("rules", ()))
-                )
+                old, rules = str(node.target), node.meta["reparam"].get("rules", ())
+                renamed[old] = _rename(gm, node, _preferred_name(sources, rules))
     gm.recompile()
     return FuseReport(
         [

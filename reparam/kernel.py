@@ -381,6 +381,11 @@ class Kernel:
         if self.spatial_dims == 0:
             conv = nn.utils.skip_init(nn.Linear, self.in_channels, self.out_channels, **where)
         elif self.transposed:
+            # PyTorch wants output_padding < max(stride, dilation); a size-1 dim's dilation is free to satisfy it
+            dilation = tuple(
+                d if k > 1 or op < max(s, d) else op + 1
+                for k, d, s, op in zip(self.kernel_size, self.dilation, self.stride, self.output_padding)
+            )
             conv = nn.utils.skip_init(
                 _TRANSPOSED_CLASSES[self.spatial_dims],
                 self.in_channels,
@@ -390,7 +395,7 @@ class Kernel:
                 padding=self.padding,
                 output_padding=self.output_padding,
                 groups=self.groups,
-                dilation=self.dilation,
+                dilation=dilation,
                 **where,
             )
         else:

@@ -35,7 +35,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .blocks import ACBlock, DiverseBranchBlock, MobileOneBlock, RepVGGBlock
+from .blocks import ACBlock, DilatedReparamBlock, DiverseBranchBlock, MobileOneBlock, RepLKBlock, RepVGGBlock
 from .errors import ReparamError
 
 __all__ = [
@@ -272,7 +272,7 @@ class _Plan:
 
 
 def _training_block_types() -> tuple[type[nn.Module], ...]:
-    return (ACBlock, DiverseBranchBlock, RepVGGBlock, MobileOneBlock)
+    return (ACBlock, DiverseBranchBlock, RepVGGBlock, MobileOneBlock, RepLKBlock, DilatedReparamBlock)
 
 
 def _plan(model: nn.Module) -> _Plan:

@@ -1,0 +1,151 @@
+"""Hypothesis properties of the graph transforms: fuse(model) computes model, in float64, exactly.
+
+Each property builds a small random model for one transform (random dims, channels, groups,
+kernel sizes, strides, dilations, paddings, input sizes), fuses it, and checks the fused model
+against the original on a random input and the number of layers left.
+"""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import reparam
+from reparam.blocks import BNAndPad, randomize_batchnorm
+from tests.helpers import assert_same_function, batchnorms, convs
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+# each example fuses and runs a model: fewer examples than the pure algebra properties
+few = settings(max_examples=12)
+
+
+def fused_exactly(model: nn.Module, x: torch.Tensor, **options) -> nn.Module:
+    model = randomize_batchnorm(model, seed=int(x.abs().sum() * 1000) % 1000).double().eval()
+    fused = reparam.fuse(model, **options)
+    assert_same_function(model, fused, x)
+    return fused
+
+
+@st.composite
+def geometry(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    channels = groups * draw(st.integers(1, 3))
+    return dims, groups, channels, draw(st.integers(0, 2**16))
+
+
+def sample(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@few
+@given(geometry(), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.data())
+def test_transposed_conv_then_bn(geo, kernel, stride, dilation, data):
+    dims, groups, channels, seed = geo
+    padding = data.draw(st.integers(0, dilation * (kernel - 1)))
+    output_padding = data.draw(st.integers(0, max(stride, dilation) - 1))
+    conv = TRANSPOSED[dims](channels, 2 * channels, kernel, stride, padding, output_padding, groups, True, dilation)
+    size = data.draw(st.integers(1, 4))
+    fused = fused_exactly(nn.Sequential(conv, BN[dims](2 * channels)), sample(seed, 2, channels, *[size] * dims))
+    assert batchnorms(fused) == 0
+
+
+@few
+@given(geometry(), st.sampled_from([1, 3, 5]), st.sampled_from([1, 3]), st.integers(1, 2), st.data())
+def test_sequential_chain_with_unpadded_second_conv(geo, k1, k2, stride, data):
+    dims, groups, channels, seed = geo
+    p1 = data.draw(st.integers(0, k1 // 2))
+    first = CONV[dims](channels, 2 * channels, k1, stride, p1, groups=groups)
+    second = CONV[dims](2 * channels, channels, k2, data.draw(st.integers(1, 2)), groups=data.draw(st.sampled_from([1, groups])))
+    size = k1 + stride * (k2 - 1) + data.draw(st.integers(0, 4))
+    model = nn.Sequential(first, BN[dims](2 * channels), second, BN[dims](channels))
+    fused = fused_exactly(model, sample(seed, 1, channels, *[size] * dims), allow_costlier=True)
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+
+
+@few
+@given(geometry(), st.sampled_from([2, 3]), st.integers(1, 3), st.data())
+def test_dbb_avg_branch(geo, window, stride, data):
+    dims, groups, channels, seed = geo
+    pad = data.draw(st.integers(0, window // 2))
+    pooled = nn.Sequential(
+        CONV[dims](channels, channels, 1, groups=groups, bias=False),
+        BNAndPad(channels, pad, spatial_dims=dims),
+        POOL[dims](window, stride),
+        BN[dims](channels),
+    )
+    size = max(window - 2 * pad, 1) + data.draw(st.integers(0, 4))
+    fused = fused_exactly(pooled, sample(seed, 2, channels, *[size] * dims), allow_costlier=True)
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+
+
+class Stack(nn.Module):
+    def __init__(self, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches] + [x], dim=1)
+
+
+@few
+@given(geometry(), st.lists(st.sampled_from([(1, 1), (3, 1), (5, 1), (3, 2)]), min_size=1, max_size=3), st.integers(0, 1))
+def test_concat_of_centred_branches_and_the_input(geo, shapes, extra):
+    dims, groups, channels, seed = geo
+    branches = [
+        nn.Sequential(CONV[dims](channels, channels, k, 1, d * (k - 1) // 2 + extra, d, groups), BN[dims](channels))
+        for k, d in shapes
+    ]
+    if extra:  # the input itself is centred too only without the extra padding
+        branches = [nn.Sequential(CONV[dims](channels, channels, 1, 1, 0, 1, groups))] + branches[:0]
+    fused = fused_exactly(Stack(branches), sample(seed, 1, channels, *[5] * dims), allow_costlier=True)
+    assert convs(fused) == 1
+
+
+class Scaled(nn.Module):
+    def __init__(self, dims: int, channels: int, seed: int) -> None:
+        super().__init__()
+        self.conv = CONV[dims](channels, channels, 3, padding=1)
+        shape = (1, channels) + (1,) * dims
+        self.gamma = nn.Parameter(sample(seed, *shape))
+        self.beta = nn.Parameter(sample(seed + 1, channels).view(channels, *[1] * dims))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) * self.gamma / 3.0 + self.beta - 1.0)
+
+
+@few
+@given(geometry())
+def test_scale_and_shift_constants(geo):
+    dims, _, channels, seed = geo
+    fused = fused_exactly(Scaled(dims, channels, seed), sample(seed, 2, channels, *[4] * dims))
+    assert convs(fused) == 1 and "gamma" not in fused.code
+
+
+class Dilated(nn.Module):
+    def __init__(self, dims: int, channels: int, branches) -> None:
+        super().__init__()
+        self.main = CONV[dims](channels, channels, 7, padding=3, groups=channels)
+        self.others = nn.ModuleList(
+            CONV[dims](channels, channels, k, padding=d * (k - 1) // 2, dilation=d, groups=channels) for k, d in branches
+        )
+
+    def forward(self, x):
+        out = self.main(x)
+        for other in self.others:
+            out = out + other(x)
+        return out
+
+
+@few
+@given(geometry(), st.lists(st.sampled_from([(5, 1), (3, 2), (3, 3), (1, 1)]), min_size=1, max_size=3))
+def test_dilated_branches_merge_into_the_large_kernel(geo, branches):
+    dims, _, channels, seed = geo
+    fused = fused_exactly(Dilated(dims, channels, branches), sample(seed, 1, channels, *[8] * dims))
+    [conv] = [m for m in fused.modules() if isinstance(m, CONV[dims])]
+    assert conv.kernel_size == (7,) * dims and conv.groups == channels

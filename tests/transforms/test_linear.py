@@ -1,0 +1,127 @@
+"""Linear layers, BN before conv, transposed convs, padding modes."""
+
+import pytest
+import torch
+from torch import nn
+
+import reparam
+from reparam import Reason
+from reparam.blocks import randomize_batchnorm
+from tests.helpers import assert_same_function, batchnorms
+
+
+def linears(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def test_linear_then_bn1d_and_bn1d_then_linear_fold():
+    head = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.BatchNorm1d(8), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4),
+    )
+    model = randomize_batchnorm(head).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (linears(fused), batchnorms(fused)) == (2, 0)
+    assert all("linear" in f.rules for f in report.fusions)
+    assert_same_function(model, fused, torch.randn(3, 3, 6, 6, dtype=torch.float64))
+
+
+class ParallelLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(5, 4), nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.bn(self.a(x) + self.b(x))
+
+
+def test_parallel_linear_branches_sum():
+    model = randomize_batchnorm(ParallelLinears()).double().eval()
+    fused = reparam.fuse(model)
+    assert (linears(fused), batchnorms(fused)) == (1, 0)
+    assert_same_function(model, fused, torch.randn(3, 5, 1, 1, dtype=torch.float64))
+
+
+class TokensThenBN(nn.Module):
+    """A Linear over the last dim of (batch, tokens, features): its BN1d normalizes tokens, not features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.linear(x))
+
+
+def test_linear_on_an_input_of_unknown_rank_is_not_folded():
+    model = randomize_batchnorm(TokensThenBN()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (linears(fused), batchnorms(fused)) == (1, 1)
+    assert report.refused(Reason.GEOMETRY)[0].rule == "linear"
+    assert_same_function(model, fused, torch.randn(2, 4, 4, dtype=torch.float64), rtol=0)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_bn_before_a_conv_folds_only_without_padding(padding):
+    model = randomize_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=padding))).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    if padding:
+        assert batchnorms(fused) == 1 and report.refused(Reason.BORDER_NOT_EXACT)
+    else:
+        assert batchnorms(fused) == 0 and report.refusals == []
+    assert_same_function(model, fused, torch.randn(2, 3, 6, 5, dtype=torch.float64))
+
+
+class TransposedBranches(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=groups), nn.BatchNorm2d(6))
+        self.b = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, 2, 0, groups=groups), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_convs_fold_their_bn_and_sum(groups):
+    model = randomize_batchnorm(TransposedBranches(groups)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    transposed = [m for m in fused.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(transposed) == 1 and transposed[0].kernel_size == (4, 4) and batchnorms(fused) == 0
+    assert "transposed_conv" in report.fusions[0].rules
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 3, dtype=torch.float64))
+
+
+def test_a_conv_after_a_transposed_conv_is_refused():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 3, 2, 2), nn.Conv2d(3, 3, 1)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert report.refused(Reason.GEOMETRY)[0].nodes == ("0", "1")
+    assert_same_function(model, fused, torch.randn(1, 3, 4, 4, dtype=torch.float64), rtol=0)
+
+
+class Padded(nn.Module):
+    def __init__(self, modes) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 5, padding=2, padding_mode=modes[0])
+        self.b = nn.Conv2d(3, 3, 3, padding=1, padding_mode=modes[1])
+        self.c = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.c(x)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_branches_padding_alike_merge_whatever_their_padding(mode):
+    model = Padded((mode, mode)).double().eval()
+    fused = reparam.fuse(model)
+    [conv] = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert (conv.kernel_size, conv.padding_mode) == ((5, 5), mode)
+    assert_same_function(model, fused, torch.randn(2, 3, 6, 7, dtype=torch.float64))
+
+
+def test_branches_padding_differently_are_refused():
+    model = Padded(("reflect", "zeros")).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert report.refused(Reason.PADDING_MODE)
+    assert_same_function(model, fused, torch.randn(2, 3, 6, 7, dtype=torch.float64))
