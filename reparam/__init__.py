@@ -18,8 +18,8 @@ from .errors import (
     TrainingModeError,
     VerificationError,
 )
-from .export import fuse_exported, fuse_exported_with_report
 from .expansion import ExpandReport, expand, expand_with_report, register_expander
+from .export import fuse_exported, fuse_exported_with_report
 from .kernel import Kernel
 from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set

@@ -17,22 +17,17 @@ node carries its provenance in `node.meta["reparam"]`.
 
 from __future__ import annotations
 
-import itertools
-import operator
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .context import Context, attribute, describe, reshapes
 from .errors import FusionRefused, Reason, ReparamError, RuleError
-from .kernel import Kernel
 from .region import (
-    FREE,
     AsWritten,
     Chain,
     Cost,
@@ -47,172 +42,11 @@ from .region import (
     plan,
 )
 from .report import FuseReport, Fusion, Refusal, Replacement
-from .rules import Anchor, LinearLayer, ReplacementRule, Rule
+from .rules import Anchor, ReplacementRule, Rule
 
 _NOOP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_MOVES_DATA = (torch.cat, torch.concat, torch.concatenate)
 _TEMP_PREFIX = "_reparam_new_"
 _MAX_PASSES = 16
-
-
-class Context:
-    """What rules see of the graph while annotating it."""
-
-    def __init__(self, gm: GraphModule, index: dict[Anchor, list[Rule]]) -> None:
-        self.regions: dict[Node, Region] = {}
-        self.refusals: list[Refusal] = []
-        self._gm = gm
-        self._index = index
-        self._modules = dict(gm.named_modules())
-        self._shared_reported: set[Node] = set()
-        self._barriers: dict[Node, tuple[str, FusionRefused]] = {}
-        self._calls = Counter(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
-        self._owners: dict[int, list[str]] = defaultdict(list)
-        for name, module in self._modules.items():
-            for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
-                self._owners[id(tensor)].append(name or type(gm).__name__)
-
-    def module(self, node: Node) -> nn.Module:
-        """The module a `call_module` node calls."""
-        return self._modules[node.target]
-
-    def anchor(self, node: Node) -> Anchor:
-        """The `(op, target)` rules are indexed by: the module's type for `call_module` nodes."""
-        if node.op == "call_module":
-            return (node.op, type(self.module(node)))
-        return (node.op, node.target)
-
-    def constant(self, value: Any) -> Any:
-        """A call argument as a constant: tensors stored on the model, possibly reshaped, are fetched.
-
-        Values computed in forward by arithmetic (a standardized weight) are refused: folding
-        them would freeze one evaluation of the computation.
-        """
-        if not isinstance(value, Node):
-            return value
-        if value.op == "get_attr":
-            return _attribute(self._gm, value)
-        if _reshapes(value):
-            args = [self.constant(a) if isinstance(a, Node) else a for a in value.args]
-            if value.op == "call_method":
-                return getattr(args[0], value.target)(*args[1:], **value.kwargs)
-            return value.target(*args, **value.kwargs)
-        raise FusionRefused(
-            Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
-        )
-
-    def rank(self, node: Node) -> int | None:
-        """The number of dims of `node`'s value, where shapes were propagated or the graph shows it."""
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            return len(meta.shape)
-        if node.op == "call_module":
-            module = self.module(node)
-            if isinstance(module, nn.Flatten):
-                return 2 if (module.start_dim, module.end_dim) == (1, -1) else None
-            return self.rank(node.args[0]) if isinstance(module, _KEEPS_RANK) and node.args else None
-        if node.target in (torch.flatten, "flatten"):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return 2 if (start, end) == (1, -1) else None
-        if node.target in (torch.relu, F.relu, F.gelu, F.silu, operator.add, operator.mul) and node.args:
-            ranks = {self.rank(a) for a in node.args if isinstance(a, Node)}
-            return ranks.pop() if len(ranks) == 1 else None
-        return None
-
-    def check_not_shared(self, node: Node) -> None:
-        """Refuse (`shared module`) a call whose module or weights are also used elsewhere.
-
-        Folding one call of a module called twice, or of weights tied to another module's,
-        would untie them and add parameters, so such layers are left as written.
-        """
-        if node.op == "call_module":
-            module = self.module(node)
-            tensors = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
-            if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
-                raise FusionRefused(
-                    Reason.SHARED_MODULE, f"{node.target} is called at {self._calls[node.target]} places"
-                )
-            for tensor in tensors:
-                owners = self._owners[id(tensor)]
-                if len(owners) > 1:
-                    raise FusionRefused(Reason.SHARED_MODULE, f"{' and '.join(owners)} share a weight tensor")
-        for target in [a.target for a in node.args if _is_attr(a)]:
-            if self._calls[target] > 1:
-                raise FusionRefused(Reason.SHARED_MODULE, f"{target} is read at {self._calls[target]} places")
-
-    def barrier(self, node: Node, rule: str, refusal: FusionRefused) -> None:
-        """`node` is a layer that must stay as written; its refusal is reported if anything would fold it."""
-        self._barriers[node] = (rule, refusal)
-        if node.args and node.args[0] in self.regions:
-            self.refuse(rule, [node], refusal)
-
-    def absorbable(self, producer: Node, consumer: Node | None) -> Region | None:
-        """The region computing `producer`, if `consumer` is its only user."""
-        region = self.regions.get(producer)
-        if region is None or consumer is None or set(producer.users) != {consumer}:
-            return None
-        return region
-
-    def absorb(self, producer: Node, consumer: Node) -> Region | None:
-        """`absorbable`, recording a `shared intermediate` refusal when other users prevent it."""
-        if producer in self._barriers:
-            rule, refusal = self._barriers[producer]
-            self.refuse(rule, [producer], refusal)
-        region = self.absorbable(producer, consumer)
-        if region is None and producer in self.regions and producer not in self._shared_reported:
-            self._shared_reported.add(producer)
-            others = [describe(u) for u in producer.users if u is not consumer]
-            self.refusals.append(
-                Refusal(
-                    "engine",
-                    Reason.SHARED_INTERMEDIATE,
-                    f"{describe(producer)} is also used by {', '.join(others)}; folding it into "
-                    f"{describe(consumer)} would change what they see, so it stays a separate region",
-                    (describe(producer), describe(consumer)),
-                )
-            )
-        return region
-
-    def layer_kernel(self, node: Node) -> Kernel:
-        """The kernel a layer rule gives `node`, which must be a call of a known linear layer."""
-        for rule in self._index.get(self.anchor(node), ()):
-            if isinstance(rule, LinearLayer):
-                return rule.kernel_of(node, self)
-        raise FusionRefused(Reason.GEOMETRY, f"no layer rule says what {describe(node)} computes")
-
-    def cost_as_written(self, node: Node, region_kernel: Kernel) -> Cost:
-        """What `node`, inside a region computing `region_kernel`, costs as written."""
-        if node.op == "call_function" and node.target in _MOVES_DATA:
-            return FREE
-        try:
-            return Cost.of(self.layer_kernel(node))
-        except FusionRefused:
-            return Cost.elementwise(region_kernel)
-
-    def refuse(self, rule: str, nodes: Iterable[Node], refusal: FusionRefused) -> None:
-        """Record that `rule` matched `nodes` but would not be exact (once, however often it is met)."""
-        record = Refusal(rule, refusal.reason, refusal.message, tuple(describe(n) for n in nodes))
-        if record not in self.refusals:
-            self.refusals.append(record)
-
-
-_KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity)
-_RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
-
-
-def _reshapes(node: Node) -> bool:
-    """Whether `node` only rearranges the values of its first argument (no arithmetic)."""
-    return node.op in ("call_method", "call_function") and node.target in _RESHAPES
-
-
-def _is_attr(value: Any) -> bool:
-    return isinstance(value, Node) and value.op == "get_attr"
-
-
-def describe(node: Node) -> str:
-    """A node as users know it: the module path it calls, or its fx name."""
-    return str(node.target) if node.op == "call_module" else node.name
 
 
 @dataclass(frozen=True)
@@ -379,16 +213,9 @@ def _trainable(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         return any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
     return any(
-        isinstance(a, Node) and a.op == "get_attr" and getattr(_attribute(gm, a), "requires_grad", False)
+        isinstance(a, Node) and a.op == "get_attr" and getattr(attribute(gm, a), "requires_grad", False)
         for a in node.args
     )
-
-
-def _attribute(gm: GraphModule, node: Node) -> Any:
-    owner: Any = gm
-    for part in str(node.target).split("."):
-        owner = getattr(owner, part)
-    return owner
 
 
 def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
@@ -413,7 +240,7 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
     erased: set[Node] = set()
     while candidates:
         node = candidates.pop()
-        if node in erased or node.users or not (node.op == "get_attr" or _reshapes(node)):
+        if node in erased or node.users or not (node.op == "get_attr" or reshapes(node)):
             continue
         erased.add(node)
         if node.op == "get_attr":

@@ -32,7 +32,7 @@ from .kernel import Kernel
 from .region import Region
 
 if TYPE_CHECKING:
-    from .engine import Context
+    from .context import Context
 
 Anchor = tuple[str, Any]
 

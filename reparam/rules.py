@@ -29,7 +29,7 @@ from .patterns import AnyOf, Linear, Match, Pattern, State, Var, walk
 from .region import FREE, Region, chain, leaf, matched
 
 if TYPE_CHECKING:
-    from .engine import Context
+    from .context import Context
 
 Anchor = tuple[str, Any]
 

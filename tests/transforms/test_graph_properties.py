@@ -50,7 +50,8 @@ def test_transposed_conv_then_bn(geo, kernel, stride, dilation, data):
     padding = data.draw(st.integers(0, dilation * (kernel - 1)))
     output_padding = data.draw(st.integers(0, max(stride, dilation) - 1))
     conv = TRANSPOSED[dims](channels, 2 * channels, kernel, stride, padding, output_padding, groups, True, dilation)
-    size = data.draw(st.integers(1, 4))
+    shrink = 2 * padding - dilation * (kernel - 1) - output_padding  # output = (size - 1) * stride + 1 - shrink
+    size = max(1, -(-shrink // stride) + 1) + data.draw(st.integers(0, 3))
     fused = fused_exactly(nn.Sequential(conv, BN[dims](2 * channels)), sample(seed, 2, channels, *[size] * dims))
     assert batchnorms(fused) == 0
 
