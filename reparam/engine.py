@@ -33,7 +33,7 @@ from .region import (
     Cost,
     Fuse,
     Keep,
-    Leaf,
+    Matched,
     Plan,
     Region,
     Steps,
@@ -165,7 +165,7 @@ class Engine:
                 if not node.users:
                     constants += node.all_input_nodes
                     graph.erase_node(node)
-            _erase_unused_constants(gm, constants)
+            _erase_unused_constants(gm, [c for c in constants if c not in region.nodes])
         return new_convs
 
 
@@ -281,10 +281,13 @@ def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:
 
 
 def _preferred_name(region: Region) -> str:
-    """A chain is named after its first layer; a region of several branches `<their common parent>.conv`."""
+    """A new conv's name: that of the conv it grew from, or `<common parent>.conv` for several branches."""
     if isinstance(region, Chain):  # after its first conv-like layer (not a BN folded into it)
         return _preferred_name(next((p for p in region.parts if not p.kernel.is_channelwise), region.parts[0]))
-    if isinstance(region, Leaf) or len(region.sources) == 1:
+    branches = [r for _, r in region.parts if r is not None] if isinstance(region, Matched) else []
+    if len(branches) == 1:  # a pool, scale or shift over one region
+        return _preferred_name(branches[0])
+    if len(branches) < 2:
         return describe(region.sources[0])
     paths = [describe(n).split(".") for n in region.sources]
     common: list[str] = []

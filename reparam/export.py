@@ -14,7 +14,6 @@ module is exported again with the program's example inputs, keeping its dynamic 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -175,10 +174,7 @@ def _fuse_module(
 ) -> tuple[GraphModule, FuseReport]:
     gm = unexported(ep)
     paths = _module_paths(gm)
-    with warnings.catch_warnings():
-        # the engine erases getitem nodes of a matched BN twice (harmless, reported upstream)
-        warnings.filterwarnings("ignore", message=r"erase_node\(.*\) on an already erased node")
-        report = Engine(resolve(rules), allow_costlier).run(gm)
+    report = Engine(resolve(rules), allow_costlier).run(gm)
     _erase_unread_attributes(gm)
     return gm, _named_by_modules(gm, report, paths)
 

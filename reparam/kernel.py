@@ -203,7 +203,9 @@ class Kernel:
     def is_pointwise(self) -> bool:
         """True for a 1x..x1 kernel with stride 1 and no padding: it maps each position on its own."""
         size, stride = self.kernel_size, self.stride
-        return not self.transposed and all(k == 1 for k in size) and all(s == 1 for s in stride) and not any(self.padding)
+        return (
+            not self.transposed and all(k == 1 for k in size) and all(s == 1 for s in stride) and not any(self.padding)
+        )
 
     @property
     def is_channelwise(self) -> bool:

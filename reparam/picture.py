@@ -171,6 +171,7 @@ def draw(before: GraphModule, after: GraphModule, path: str | Path, *, title: st
             )
             xs = [x for x, _ in layout.values()] or [0]
             ax.set_xlim(min(xs) - 0.6, max(xs) + 1.6)
+            ax.set_ylim(min((y for _, y in layout.values()), default=0) - 0.5, 0.5)
         handles = [
             Line2D(
                 [],

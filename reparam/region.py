@@ -14,7 +14,6 @@ stride-2 conv runs on a quarter of the positions) and parameter counts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 

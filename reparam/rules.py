@@ -176,7 +176,12 @@ class PatternRule:
             interior = state.interior
             own_cost = sum((ctx.cost_as_written(n, kernel) for n in interior), FREE)
             parts = tuple(dict.fromkeys((p.node, p.region) for p in state.parts))
-            modules = tuple(n for n in reversed(interior) if n.op == "call_module")
+            # the interior layers with weights of their own count as sources (not an add or a cat)
+            modules = tuple(
+                n
+                for n in reversed(interior)
+                if n.op == "call_module" or any(a.op == "get_attr" for a in n.all_input_nodes)
+            )
             return matched(root, kernel, self.name, interior, parts, own_cost, modules)
         return None
 

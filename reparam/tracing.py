@@ -49,6 +49,9 @@ def trace(
             "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
             "or let fuse descend into the traceable submodules"
         ) from error
+    for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
+        if isinstance(node.type, str):
+            node.type = None
     return GraphModule(tracer.root, graph, type(model).__name__)
 
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 

@@ -2,7 +2,8 @@
 
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
 `functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
-multiplies and adds (layer-scale, shifts), `linear` nn.Linear and transposed convs.
+multiplies and adds (layer-scale, shifts), `linear` nn.Linear and transposed convs; `aten` the
+same transforms spelled as torch.export's aten operators (for `reparam.fuse_exported`).
 """
 
 from .aten import ATEN_RULES

@@ -4,9 +4,11 @@
 buffers as attributes (`ep.module()`), so the same algebra applies once the rules know the
 operators' argument orders:
 
-* I/VI  `aten.conv1d/conv2d/conv3d.default(x, weight, bias, stride, padding, dilation, groups)`
-  and `aten.convolution.default(x, weight, bias, stride, padding, dilation, transposed,
-  output_padding, groups)` are convolutions (`transposed=True` is not: refused);
+* I/VI  `aten.conv1d/conv2d/conv3d.default(x, weight, bias, stride, padding, dilation, groups)`,
+  `aten.conv_transpose2d.input(x, weight, bias, stride, padding, output_padding, groups,
+  dilation)` and `aten.convolution.default(x, weight, bias, stride, padding, dilation,
+  transposed, output_padding, groups)` are (transposed) convolutions, `aten.linear.default`
+  one with no spatial dims (on `(batch, features)` inputs only, as `nn.Linear`);
 * I     `aten.batch_norm.default(x, weight, bias, running_mean, running_var, training, ...)` and,
   after `ep.run_decompositions()`, `getitem(aten._native_batch_norm_legit_no_training.default(x,
   weight, bias, running_mean, running_var, momentum, eps), 0)` are eval-mode BatchNorms;
@@ -16,14 +18,15 @@ operators' argument orders:
 * IV    `aten.cat.default([...], 1)` concatenates branches;
 * V     `aten.avg_pool1d/2d/3d.default` are depthwise convs.
 
-These rules are written with the public rule API only (`LinearLayer`, `PatternRule`) and do
-not depend on where the graph came from: a torch.fx trace of a model calling
+These rules are written with the public rule API (`LinearLayer`, `PatternRule`, and `Cat`
+subclassed for aten's target) and do not depend on where the graph came from: a torch.fx trace of a model calling
 `torch.ops.aten.conv2d.default` directly fuses the same way. The exactness conditions are
 those of the transforms they spell.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
@@ -54,10 +57,37 @@ def conv_kernel(weight, bias=None, stride=1, padding=0, dilation=1, groups=1) ->
 def convolution_kernel(
     weight, bias, stride, padding, dilation, transposed=False, output_padding=(0,), groups=1
 ) -> Kernel:
-    """`aten.convolution.default`, the decomposed form every conv lowers to."""
+    """`aten.convolution.default`, the decomposed form every conv (transposed or not) lowers to."""
     if transposed:
-        raise FusionRefused(Reason.GEOMETRY, "a transposed convolution is not a convolution of its input")
+        return transposed_kernel(weight, bias, stride, padding, output_padding, groups, dilation)
     return Kernel.conv(weight, bias, stride, padding, dilation, groups)
+
+
+def transposed_kernel(weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1) -> Kernel:
+    """`aten.conv_transpose{1,2,3}d.input`: built as `Kernel.from_conv` builds an `nn.ConvTransposeNd`'s."""
+    dims = weight.dim() - 2
+    if isinstance(padding, str):
+        raise FusionRefused(Reason.GEOMETRY, f"a transposed convolution with padding={padding!r}")
+    kernel = Kernel.conv(weight, None, stride, padding, dilation, 1)
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[1] * groups)
+    return dataclasses.replace(
+        kernel,
+        bias=bias.detach().to(torch.float64),
+        groups=groups,
+        transposed=True,
+        output_padding=_per_dim(output_padding, dims),
+    )
+
+
+def _per_dim(value: int | list[int] | tuple[int, ...], dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(value) * dims if len(value) == 1 else tuple(value)
+
+
+def linear_kernel(weight, bias=None) -> Kernel:
+    """`aten.linear.default` on `(batch, features)`: a convolution with no spatial dims."""
+    return Kernel.conv(weight, bias)
 
 
 _CONV_OPS = tuple(
@@ -68,6 +98,13 @@ _CONV_OPS = tuple(
 )
 CONV = LinearLayer("aten_conv", _CONV_OPS, conv_kernel)
 CONVOLUTION = LinearLayer("aten_convolution", (aten.convolution.default,), convolution_kernel)
+TRANSPOSED_CONV = LinearLayer(
+    "aten_transposed_conv",
+    (aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input),
+    transposed_kernel,
+)
+# like nn.Linear, exact only where the input is (batch, features); the engine checks the rank
+LINEAR = LinearLayer("aten_linear", (aten.linear.default,), linear_kernel, features_last=True)
 
 
 # ---------------------------------------------------------------- I: BatchNorm
@@ -224,6 +261,8 @@ AVG_POOL = PatternRule("aten_avg_pool", Call(tuple(_POOLS), Linear(x, "input", i
 ATEN_RULES = (
     CONV,
     CONVOLUTION,
+    TRANSPOSED_CONV,
+    LINEAR,
     BATCH_NORM,
     NATIVE_BATCH_NORM,
     NATIVE_BATCH_NORM_OF_INPUT,

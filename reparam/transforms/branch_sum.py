@@ -31,4 +31,3 @@ def branch_sum(m: Match) -> Kernel:
 
 
 SUM = PatternRule("branch_sum", Add(Linear(x, "a"), Linear(x, "b")), branch_sum)
-

@@ -13,7 +13,8 @@ from tests.helpers import batchnorms, convs
 @pytest.mark.parametrize("dims, size", [(1, (37,)), (3, (9, 8, 7))])
 def test_1d_and_3d_repvgg_blocks(dims, size):
     model = nn.Sequential(
-        RepVGGBlock(4, 8, stride=2, spatial_dims=dims), RepVGGBlock(8, 8, spatial_dims=dims),
+        RepVGGBlock(4, 8, stride=2, spatial_dims=dims),
+        RepVGGBlock(8, 8, spatial_dims=dims),
         RepVGGBlock(8, 8, groups=2, spatial_dims=dims),
     )
     model = randomize_batchnorm(model).eval()
@@ -26,7 +27,11 @@ def test_1d_and_3d_repvgg_blocks(dims, size):
 
 @pytest.mark.parametrize(
     "block, kernel",
-    [(lambda: RepLKBlock(8, 13, 5), 13), (lambda: DilatedReparamBlock(8, 7), 7), (lambda: DilatedReparamBlock(8, 13), 13)],
+    [
+        (lambda: RepLKBlock(8, 13, 5), 13),
+        (lambda: DilatedReparamBlock(8, 7), 7),
+        (lambda: DilatedReparamBlock(8, 13), 13),
+    ],
     ids=["RepLK 13+5", "dilated 7", "dilated 13"],
 )
 def test_large_kernel_blocks_become_one_depthwise_conv(block, kernel):

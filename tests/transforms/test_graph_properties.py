@@ -62,7 +62,9 @@ def test_sequential_chain_with_unpadded_second_conv(geo, k1, k2, stride, data):
     dims, groups, channels, seed = geo
     p1 = data.draw(st.integers(0, k1 // 2))
     first = CONV[dims](channels, 2 * channels, k1, stride, p1, groups=groups)
-    second = CONV[dims](2 * channels, channels, k2, data.draw(st.integers(1, 2)), groups=data.draw(st.sampled_from([1, groups])))
+    second = CONV[dims](
+        2 * channels, channels, k2, data.draw(st.integers(1, 2)), groups=data.draw(st.sampled_from([1, groups]))
+    )
     size = k1 + stride * (k2 - 1) + data.draw(st.integers(0, 4))
     model = nn.Sequential(first, BN[dims](2 * channels), second, BN[dims](channels))
     fused = fused_exactly(model, sample(seed, 1, channels, *[size] * dims), allow_costlier=True)
@@ -95,7 +97,9 @@ class Stack(nn.Module):
 
 
 @few
-@given(geometry(), st.lists(st.sampled_from([(1, 1), (3, 1), (5, 1), (3, 2)]), min_size=1, max_size=3), st.integers(0, 1))
+@given(
+    geometry(), st.lists(st.sampled_from([(1, 1), (3, 1), (5, 1), (3, 2)]), min_size=1, max_size=3), st.integers(0, 1)
+)
 def test_concat_of_centred_branches_and_the_input(geo, shapes, extra):
     dims, groups, channels, seed = geo
     branches = [
@@ -133,7 +137,8 @@ class Dilated(nn.Module):
         super().__init__()
         self.main = CONV[dims](channels, channels, 7, padding=3, groups=channels)
         self.others = nn.ModuleList(
-            CONV[dims](channels, channels, k, padding=d * (k - 1) // 2, dilation=d, groups=channels) for k, d in branches
+            CONV[dims](channels, channels, k, padding=d * (k - 1) // 2, dilation=d, groups=channels)
+            for k, d in branches
         )
 
     def forward(self, x):

@@ -16,8 +16,15 @@ def linears(model: nn.Module) -> int:
 
 def test_linear_then_bn1d_and_bn1d_then_linear_fold():
     head = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.BatchNorm1d(8), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4),
+        nn.Conv2d(3, 8, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 4),
+        nn.BatchNorm1d(4),
     )
     model = randomize_batchnorm(head).double().eval()
     fused, report = reparam.fuse_with_report(model)

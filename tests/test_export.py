@@ -1,0 +1,321 @@
+"""Fused models through every deployment path, and fusing programs that were already exported.
+
+* export round-trips of fused models: `torch.export`, ONNX (checked, run in onnxruntime, no
+  BatchNormalization node), TorchScript (script and trace), `torch.compile`;
+* `reparam.fuse_exported`: an ExportedProgram of an unfused model becomes one with one conv per
+  block, in both IRs torch.export produces (`aten.conv2d` + `aten.batch_norm`, and after
+  `run_decompositions()` `aten.convolution` + `_native_batch_norm_legit_no_training`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import reparam
+from reparam.blocks import ACBlock, RepVGG, RepVGGBlock, conv_bn, randomize_batchnorm
+from reparam.export import unexported
+
+aten = torch.ops.aten
+CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
+BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.detach().double()
+    return ((got.detach().double() - want).abs().max() / want.abs().max()).item()
+
+
+def ops(ep: torch.export.ExportedProgram) -> Counter:
+    return Counter(n.target for n in ep.graph.nodes if n.op == "call_function")
+
+
+def conv_count(ep: torch.export.ExportedProgram) -> int:
+    return sum(count for op, count in ops(ep).items() if op in CONV_OPS)
+
+
+def bn_count(ep: torch.export.ExportedProgram) -> int:
+    return sum(count for op, count in ops(ep).items() if op in BN_OPS)
+
+
+def small_repvgg() -> nn.Module:
+    """Three RepVGG blocks (one with an identity branch, one strided): 3 convs once fused."""
+    blocks = nn.Sequential(RepVGGBlock(3, 8), RepVGGBlock(8, 8), RepVGGBlock(8, 16, stride=2))
+    return randomize_batchnorm(blocks).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return small_repvgg()
+
+
+@pytest.fixture(scope="module")
+def fused(model: nn.Module) -> nn.Module:
+    return reparam.fuse(model)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- round-trips of fused models
+
+
+def test_torch_export_of_a_fused_model_runs_and_matches(model, fused, x) -> None:
+    ep = torch.export.export(fused, (x,))
+    assert conv_count(ep) == 3 and bn_count(ep) == 0
+    assert not any(op in (aten.add.Tensor,) for op in ops(ep))
+    with torch.no_grad():
+        assert relative_error(ep.module()(x), model(x)) < 1e-5
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    with torch.no_grad():
+        assert relative_error(loaded.module()(x), model(x)) < 1e-5
+
+
+def _onnx_export(module: nn.Module, example: tuple, path) -> None:
+    torch.onnx.export(module, example, str(path), dynamo=True, external_data=False, verbose=False)
+
+
+def test_fused_repvgg_a0_exports_to_onnx_without_batchnorm(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = randomize_batchnorm(RepVGG.a0()).eval()
+    fused = reparam.fuse(model)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "a0.onnx"
+    _onnx_export(fused, (x,), path)
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    counts = Counter(node.op_type for node in proto.graph.node)
+    assert counts["BatchNormalization"] == 0
+    assert counts["Conv"] == 22  # one per RepVGG block
+    assert counts["Add"] == 0  # no branch sum is left
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [output] = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    assert relative_error(torch.from_numpy(output), want) <= 1e-5
+
+
+def test_onnx_of_the_unfused_model_keeps_its_branches(model, fused, x, tmp_path) -> None:
+    """The ONNX exporter's own optimizer folds conv+BN pairs, but not the branches: fusing first matters."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    counts = {}
+    for name, module in (("unfused", model), ("fused", fused)):
+        _onnx_export(module, (x,), tmp_path / f"{name}.onnx")
+        counts[name] = Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    assert counts["unfused"]["Conv"] == 6 and counts["unfused"]["Add"] >= 3
+    assert counts["unfused"]["BatchNormalization"] >= 1  # the identity branch's BN has no conv to fold into
+    assert counts["fused"]["Conv"] == 3 and counts["fused"]["Add"] == 0
+    assert counts["fused"]["BatchNormalization"] == 0
+
+
+def test_torchscript_script_and_trace_of_the_fused_graph_module(model, fused, x) -> None:
+    assert isinstance(fused, torch.fx.GraphModule)
+    with torch.no_grad():
+        want = model(x)
+        for scripted in (torch.jit.script(fused), torch.jit.trace(fused, (x,))):
+            assert relative_error(scripted(x), want) < 1e-5
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer)
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+            assert relative_error(loaded(x), want) < 1e-5
+            assert "batch_norm" not in loaded.code
+        other = torch.randn(1, 3, 20, 12)  # scripting keeps shapes free
+        assert relative_error(torch.jit.script(fused)(other), model(other)) < 1e-5
+
+
+def test_torch_compile_of_the_fused_model(model, fused, x) -> None:
+    """Dynamo capture and AOTAutograd (no C++ compiler needed); the inductor test below compiles kernels."""
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < 1e-5
+
+
+@pytest.mark.skipif(
+    not os.environ.get("REPARAM_TEST_INDUCTOR"),
+    reason="inductor compiles C++ kernels with gcc: about 40 s cold on 2 cores; set REPARAM_TEST_INDUCTOR=1",
+)
+def test_torch_compile_inductor_of_the_fused_model(model, fused, x) -> None:
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile's inductor backend needs a C++ compiler on CPU")
+    compiled = torch.compile(fused)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < 1e-5
+
+
+# --------------------------------------------------------------------------- fuse_exported
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training-ir", "decomposed"])
+def test_fuse_exported_gives_one_conv_per_block(model, x, decomposed) -> None:
+    ep = torch.export.export(model, (x,))
+    if decomposed:
+        ep = ep.run_decompositions()
+    assert conv_count(ep) == 6 and bn_count(ep) == 7
+    fused, report = reparam.fuse_exported_with_report(ep, verify=True)
+    assert isinstance(fused, torch.export.ExportedProgram)
+    assert conv_count(fused) == 3  # one per block
+    assert bn_count(fused) == 0 and aten.add.Tensor not in ops(fused)
+    assert len(report.fusions) == 3 and not report.refusals
+    # the report and the new program name layers by module path, as reparam.fuse does
+    assert [f.module for f in report.fusions] == ["0.conv", "1.conv", "2.conv"]
+    assert report.fusions[0].sources[0] == "0.dense.conv"
+    assert {k.rpartition(".")[0] for k in fused.state_dict} == {"0.conv", "1.conv", "2.conv"}
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-5
+    # the input program is unchanged
+    assert conv_count(ep) == 6
+
+
+def test_fuse_exported_keeps_dynamic_dimensions(model) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    dims = {0: torch.export.Dim.AUTO(max=64), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    ep = torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    fused = reparam.fuse_exported(ep)
+    assert conv_count(fused) == 3
+    other = torch.randn(5, 3, 21, 13)  # another batch size and an odd spatial size
+    with torch.no_grad():
+        assert relative_error(fused.module()(other), model(other)) < 1e-5
+    assert "64" in {str(r.upper) for r in fused.range_constraints.values()}  # the batch's bound survives
+
+
+def test_fuse_exported_acnet_blocks_and_arithmetic() -> None:
+    """ACNet's 3x3 + 1x3 + 3x1 branches, a subtracted branch, scales, shifts and dropout all fold."""
+
+    class Arith(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ac = ACBlock(4, 8)
+            self.point = conv_bn(4, 8, 1)
+            self.drop = nn.Dropout(0.3)
+            self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+        def forward(self, x):
+            y = (self.ac(x) - 0.5 * self.point(x)) * 0.5 / 2 + 1
+            return torch.relu(self.gamma * self.drop(y) - 0.25)
+
+    model = randomize_batchnorm(Arith()).eval()
+    x = torch.randn(2, 4, 10, 10)
+    for ep in (torch.export.export(model, (x,)), torch.export.export(model, (x,)).run_decompositions()):
+        fused, report = reparam.fuse_exported_with_report(ep, verify=True)
+        assert conv_count(fused) == 1 and bn_count(fused) == 0
+        assert set(ops(fused)) == {aten.conv2d.default, aten.relu.default}
+        assert {"aten_scale", "aten_shift", "aten_branch_sum"} <= set(report.fusions[0].rules)
+        with torch.no_grad():
+            assert relative_error(fused.module()(x), model(x)) < 1e-5
+
+
+def test_fuse_exported_concat_pool_linear_and_transposed() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = conv_bn(3, 4, 1), conv_bn(3, 4, 3, padding=1)
+            self.pool_conv = nn.Conv2d(8, 8, 1, bias=False)
+            self.pool = nn.AvgPool2d(2)
+            self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
+            self.up_bn = nn.BatchNorm2d(6)
+            self.fc, self.fc_bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            y = self.up_bn(self.up(torch.relu(self.pool(self.pool_conv(torch.relu(y))))))
+            return self.fc_bn(self.fc(torch.flatten(torch.relu(y).mean((2, 3), keepdim=True), 1)))
+
+    model = randomize_batchnorm(Mixed()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused, report = reparam.fuse_exported_with_report(
+        torch.export.export(model, (x,)), allow_costlier=True, verify=True
+    )
+    rules = {rule for f in report.fusions for rule in f.rules}
+    assert {"aten_concat", "aten_avg_pool", "aten_transposed_conv", "aten_linear"} <= rules
+    remaining = ops(fused)
+    assert remaining[aten.conv2d.default] == 2 and remaining[aten.conv_transpose2d.input] == 1
+    assert aten.avg_pool2d.default not in remaining and aten.cat.default not in remaining
+    assert bn_count(fused) == 0 and remaining[aten.linear.default] == 1
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-5
+
+
+def test_aten_rules_do_not_care_about_the_front_end() -> None:
+    """A model calling aten operators itself, traced by torch.fx, fuses with the same rules."""
+
+    class AtenSpelled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w3, self.w1 = nn.Parameter(torch.randn(8, 4, 3, 3)), nn.Parameter(torch.randn(8, 4, 1, 1))
+            self.bn = randomize_batchnorm(nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            a = aten.conv2d.default(x, self.w3, None, [1, 1], [1, 1])
+            b = aten.convolution.default(x, self.w1, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+            bn = self.bn
+            s = aten.add.Tensor(a, b)
+            return aten.batch_norm.default(
+                s, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5, False
+            )
+
+    model = AtenSpelled().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [type(m).__name__ for m in fused.modules()][1:] == ["Conv2d"]
+    assert {"aten_conv", "aten_convolution", "aten_branch_sum", "aten_batch_norm"} <= set(report.fusions[0].rules)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) < 1e-5
+
+
+def test_fuse_exported_refusals_are_reported_and_exact() -> None:
+    """A pool padding a biased region's output is not a conv at the border: refused, left as written."""
+    model = nn.Sequential(conv_bn(3, 4, 1), nn.AvgPool2d(3, 1, 1))
+    model = randomize_batchnorm(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused, report = reparam.fuse_exported_with_report(torch.export.export(model, (x,)), verify=True)
+    [refusal] = report.refusals
+    assert refusal.reason is reparam.Reason.BORDER_NOT_EXACT and refusal.rule == "aten_avg_pool"
+    assert aten.avg_pool2d.default in ops(fused) and conv_count(fused) == 1 and bn_count(fused) == 0
+    with pytest.raises(reparam.StrictModeError, match="not fully fused"):
+        reparam.fuse_exported(torch.export.export(model, (x,)), strict=True)
+
+
+def test_fuse_exported_errors() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(reparam.TrainingModeError, match="training mode"):
+        reparam.fuse_exported(torch.export.export(small_repvgg().train(), (x,)))
+    with pytest.raises(TypeError, match="ExportedProgram"):
+        reparam.fuse_exported(small_repvgg())
+    ep = torch.export.export(small_repvgg(), (x,))
+    ep._example_inputs = None  # as a program built without them
+    with pytest.raises(reparam.ReparamError, match="example_args"):
+        reparam.fuse_exported(ep)
+    assert conv_count(reparam.fuse_exported(ep, example_args=(x,))) == 3
+
+
+def test_unexported_drops_eval_noops() -> None:
+    """An eval-mode dropout is `aten.dropout(x, p, False)`, and `clone(x)` once decomposed: both dropped."""
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(1, 3, 4, 4)
+    training_ir = torch.export.export(model, (x,))
+    decomposed = training_ir.run_decompositions()
+    assert aten.dropout.default in ops(training_ir) and aten.clone.default in ops(decomposed)
+    for ep in (training_ir, decomposed):
+        gm = unexported(ep)
+        assert not any(n.target in (aten.dropout.default, aten.clone.default) for n in gm.graph.nodes)
+        fused = reparam.fuse_exported(ep)
+        assert conv_count(fused) == 1 and bn_count(fused) == 0
+        with torch.no_grad():
+            assert relative_error(fused.module()(x), model(x)) < 1e-5
