@@ -72,14 +72,15 @@ class Engine:
         report = FuseReport()
         for index in range(_MAX_PASSES):
             replaced = self._replace(gm)
+            gm.delete_all_unused_submodules()
+            for new, rule in replaced:
+                report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
             ctx = self._annotate(gm)
             fused = self._materialize(gm, ctx)
             gm.delete_all_unused_submodules()
             for new, region in fused:
                 module = _rename(gm, new)
                 report.fusions.append(_fusion(module, new, region))
-            for new, rule in replaced:
-                report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
             if index == 0:  # later passes restate the same refusals in terms of the new convs
                 report.refusals = ctx.refusals
             if not fused and not replaced:
@@ -109,18 +110,25 @@ class Engine:
                 if result is None:
                     continue
                 module, args, interior = result
-                name = f"{_TEMP_PREFIX}{len(done)}"
-                gm.add_submodule(name, module)
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_module(name, tuple(args))
                 sources = tuple(describe(n) for n in reversed(interior))
-                new.meta["reparam"] = {"rules": [rule.name], "sources": list(sources)}
-                node.replace_all_uses_with(new)
+                modules = [describe(n) for n in reversed(interior) if n.op == "call_module"]
+                base = modules[0] if modules else rule.name
+                # an nn.Sequential is inlined, one node per layer, so that later rules see its layers
+                layers = list(module) if type(module) is nn.Sequential and len(args) == 1 else [module]
+                value: Any = tuple(args)
+                for layer in layers:
+                    name = f"{_TEMP_PREFIX}replaced_{len(done)}"
+                    gm.add_submodule(name, layer)
+                    with gm.graph.inserting_before(node):
+                        value = gm.graph.call_module(name, value if isinstance(value, tuple) else (value,))
+                    value.meta["reparam"] = {"rules": [rule.name], "sources": list(sources)}
+                    weighted = next(layer.parameters(), None) is not None
+                    preferred = base if weighted or len(layers) == 1 else f"{base}_{type(layer).__name__.lower()}"
+                    done.append((_NewModule(value, preferred, sources), rule.name))
+                node.replace_all_uses_with(value)
                 for old in interior:
                     gm.graph.erase_node(old)
                     erased.add(old)
-                modules = [describe(n) for n in reversed(interior) if n.op == "call_module"]
-                done.append((_NewModule(new, modules[0] if modules else rule.name, sources), rule.name))
                 break
         return done
 

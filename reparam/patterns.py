@@ -177,8 +177,8 @@ class _Call(Pattern):
         raise NotImplementedError
 
     def operands(self, node: Node) -> list[list[Any]]:
-        """The ways to line the node's arguments up with `self.args`."""
-        return [list(node.args[: len(self.args)])]
+        """The ways to line the node's arguments up with `self.args` (the first ones; the rest are free)."""
+        return [list(node.args[: len(self.args)])] if len(node.args) >= len(self.args) else []
 
     def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
         if not isinstance(value, Node) or not self.accepts(value, ctx):
@@ -249,11 +249,6 @@ class Call(_Call):
 
     def accepts(self, node: Node, ctx: Context) -> bool:
         return node.op in ("call_function", "call_method") and node.target in self.targets
-
-    def operands(self, node: Node) -> list[list[Any]]:
-        if len(node.args) < len(self.args):
-            return []
-        return [list(node.args[: len(self.args)])]
 
 
 class _Commutative(Call):
@@ -359,6 +354,10 @@ class Match:
     def module(self, name: str) -> nn.Module:
         """The module called by the node captured as `name`."""
         return self._ctx.module(self.node(name))
+
+    def module_of(self, node: Node) -> nn.Module:
+        """The module a `call_module` node (a bound variable, say) calls."""
+        return self._ctx.module(node)
 
     def value(self, name: str) -> Any:
         """The constant captured by `Const(name=...)`."""

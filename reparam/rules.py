@@ -189,7 +189,8 @@ class PatternRule:
 class ReplacementRule:
     """A subgraph rule whose result is not a conv: `function(match)` returns a module to call instead.
 
-    The module is called on the pattern's variables, in the order they first appear.
+    The module is called on the pattern's variables, in the order they first appear; an
+    `nn.Sequential` on one variable is inlined layer by layer. Returning None declines the match.
     `Linear` pieces are not allowed: replacements run before linear regions are known.
     """
 
@@ -212,6 +213,8 @@ class ReplacementRule:
         """The module to call, its arguments and the nodes it replaces, if `node` anchors a match."""
         for state in self.pattern.matches(node, State(), ctx, None):
             module = self.function(Match(state, ctx))
+            if module is None:  # the function declined this match
+                continue
             if not isinstance(module, nn.Module):
                 raise TypeError(f"returned {type(module).__name__}, not an nn.Module")
             return module, [state.vars[v] for v in self.variables], state.interior

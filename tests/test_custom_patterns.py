@@ -225,7 +225,7 @@ def test_a_rule_returning_the_wrong_type_is_reported_by_name():
 
 
 def test_the_built_in_transforms_are_written_with_the_public_api():
-    assert {type(r) for r in BUILTIN_RULES} == {LinearLayer, PatternRule}
+    assert {type(r) for r in BUILTIN_RULES} == {LinearLayer, PatternRule, reparam.ReplacementRule}
     sum_rule = next(r for r in BUILTIN_RULES if r.name == "branch_sum")
     assert set(sum_rule.anchors) == {
         ("call_function", operator.add),

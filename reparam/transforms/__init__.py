@@ -13,7 +13,7 @@ from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
-from .linear import LINEAR, TRANSPOSED_CONV
+from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
 from .scale import DIVIDE, SCALE, SHIFT
 from .sequential import BN_AND_PAD
@@ -25,6 +25,7 @@ BUILTIN_RULES = (
     FUNCTIONAL_BATCH_NORM,
     LINEAR,
     TRANSPOSED_CONV,
+    FLATTENED_CONV,
     BN_AND_PAD,
     AVG_POOL,
     SUM,
@@ -45,6 +46,7 @@ __all__ = [
     "CONV",
     "DIVIDE",
     "FUNCTIONAL_BATCH_NORM",
+    "FLATTENED_CONV",
     "FUNCTIONAL_CONV",
     "LINEAR",
     "SCALE",

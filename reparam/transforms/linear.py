@@ -6,6 +6,10 @@
   input really is `(batch, features)` (a Linear maps the last dim, which is the channel dim
   only then): known from a `flatten(x, 1)` upstream or from propagated shapes
   (`fuse(..., example_inputs=...)`); otherwise the Linear is left as written (`geometry`).
+* A conv on a globally pooled (1x1) map, then `flatten(., 1)`, is `flatten` then a Linear whose
+  weight is the conv's tap that reads the pixel (the others read padding): replaced so that the
+  Linear can fold with what follows. Declined for grouped convs (denser), non-zero padding
+  modes, or when the pooling is not known to give 1x1.
 * `nn.ConvTranspose1d/2d/3d` followed by BN folds along the output-channel axis, which is
   weight dim 1 (within each group) instead of dim 0; parallel transposed branches with the same
   stride, groups and output padding sum after embedding (centres must coincide, as for VI).
@@ -15,12 +19,52 @@ Paper: X. Ding et al., "Diverse Branch Block", CVPR 2021 (I, II on other layers)
 al., "UniRepLKNet", CVPR 2024 (transposed and linear re-parameterization).
 """
 
+import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernel import Kernel
-from ..rules import LinearLayer
+from ..patterns import Call, Conv, Match, Var
+from ..rules import LinearLayer, ReplacementRule
 
 LINEAR = LinearLayer("linear", (nn.Linear,), Kernel.from_linear, features_last=True)
 TRANSPOSED_CONV = LinearLayer(
     "transposed_conv", (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), Kernel.from_conv
+)
+
+
+def flattened_conv(m: Match) -> nn.Module | None:
+    """`flatten(conv(x), 1)` on a globally pooled x (1x1 map): `linear(flatten(x, 1))`, W = the tap reading x."""
+    pooled, flat = m["x"], m.node("flat")
+    if tuple(flat.args[1:]) not in ((1,), (1, -1)) or flat.kwargs or not _is_global_pool(pooled, m):
+        return None
+    kernel = Kernel.from_conv(m.module("conv"))
+    if kernel.groups != 1 or kernel.padding_mode != "zeros" or kernel.spatial_dims == 0:
+        return None  # a grouped conv would become a denser Linear
+    taps = []
+    for k, p, d, s in zip(kernel.kernel_size, kernel.padding, kernel.dilation, kernel.stride):
+        if (2 * p - d * (k - 1)) // s != 0 or p % d or p // d >= k:
+            return None  # the output is not 1x1, or no tap reads the pixel
+        taps.append(p // d)
+    linear = nn.utils.skip_init(
+        nn.Linear, kernel.in_channels, kernel.out_channels, device=kernel.weight.device, dtype=kernel.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(kernel.weight[(..., *taps)])
+        linear.bias.copy_(kernel.bias)
+    return nn.Sequential(nn.Flatten(1), linear)
+
+
+def _is_global_pool(node: torch.fx.Node, m: Match) -> bool:
+    if node.op == "call_module" and isinstance(m.module_of(node), nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        return m.module_of(node).output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        return node.args[1:2] in ((1,), ((1, 1),))
+    return False
+
+
+# a conv on a 1x1 map, then flattened (a classifier head written with a 1x1 conv), becomes a Linear
+FLATTENED_CONV = ReplacementRule(
+    "flattened_conv", Call((torch.flatten, "flatten"), Conv(Var("x"), "conv"), name="flat"), flattened_conv
 )

@@ -132,3 +132,36 @@ def test_branches_padding_differently_are_refused():
     fused, report = reparam.fuse_with_report(model)
     assert report.refused(Reason.PADDING_MODE)
     assert_same_function(model, fused, torch.randn(2, 3, 6, 7, dtype=torch.float64))
+
+
+class ConvHead(nn.Module):
+    """A classifier head written with a 1x1 conv on the pooled map, then BN1d and a Linear."""
+
+    def __init__(self, pool: nn.Module, groups: int = 1, features: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = pool
+        self.fc = nn.Conv2d(8, 4, 1, groups=groups)
+        self.bn, self.out = nn.BatchNorm1d(features), nn.Linear(features, 2)
+
+    def forward(self, x):
+        return self.out(self.bn(torch.flatten(self.fc(self.pool(torch.relu(self.body(x)))), 1)))
+
+
+def test_a_conv_on_a_pooled_map_becomes_a_linear_that_folds_with_the_head():
+    model = randomize_batchnorm(ConvHead(nn.AdaptiveAvgPool2d(1))).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (linears(fused), batchnorms(fused)) == (1, 0)
+    assert [r.rule for r in report.replacements] == ["flattened_conv", "flattened_conv"]
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
+    assert_same_function(model, fused, torch.randn(3, 3, 7, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "pool, groups", [(nn.AdaptiveAvgPool2d(2), 1), (nn.AdaptiveAvgPool2d(1), 2)], ids=["2x2 map", "grouped"]
+)
+def test_a_conv_on_a_map_not_known_to_be_1x1_or_grouped_stays(pool, groups):
+    model = randomize_batchnorm(ConvHead(pool, groups, features=16 if groups == 1 else 4)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert report.replacements == [] and sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2
+    assert_same_function(model, fused, torch.randn(3, 3, 6, 6, dtype=torch.float64))
