@@ -55,6 +55,7 @@ class Kernel:
     dtype: torch.dtype
     transposed: bool = False
     output_padding: tuple[int, ...] = ()
+    dims_known: bool = True  # False for a per-channel map whose input rank is unknown (BatchNorm1d, F.batch_norm)
 
     # ----------------------------------------------------------------- constructors
 
@@ -120,7 +121,7 @@ class Kernel:
         return cls.conv(weight, shift, groups=channels)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, spatial_dims: int) -> Kernel:
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, spatial_dims: int | None) -> Kernel:
         """The kernel of an eval-mode BatchNorm: `scale = gamma / sqrt(var + eps)`, `shift = beta - mean * scale`.
 
         Refused when the BN is in training mode or keeps no running statistics, because then it
@@ -139,8 +140,8 @@ class Kernel:
         gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(inv_std)
         beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(inv_std)
         scale = gamma * inv_std
-        kernel = cls.affine(scale, beta - bn.running_mean.detach().to(torch.float64) * scale, spatial_dims)
-        return replace(kernel, dtype=bn.running_var.dtype)
+        kernel = cls.affine(scale, beta - bn.running_mean.detach().to(torch.float64) * scale, spatial_dims or 1)
+        return replace(kernel, dtype=bn.running_var.dtype, dims_known=spatial_dims is not None)
 
     @classmethod
     def identity(
@@ -285,6 +286,7 @@ class Kernel:
             weight[(..., *window)] += torch.einsum("gom,gmi...->goi...", w2[(..., *taps)], w1)
         bias = second.bias + torch.einsum("gom...,gm->go", w2, first.bias.view(groups, -1)).reshape(-1)
         return Kernel(
+            dims_known=self.dims_known or after.dims_known,
             weight=weight.reshape(after.out_channels, -1, *size),
             bias=bias,
             stride=tuple(s1 * s2 for s1, s2 in zip(self.stride, after.stride)),
@@ -304,7 +306,9 @@ class Kernel:
             weight = (grouped * scale.view(groups, 1, -1, *size)).reshape(self.weight.shape)
         else:
             weight = self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1))
-        return replace(self, weight=weight, bias=self.bias * scale + after.bias)
+        return replace(
+            self, weight=weight, bias=self.bias * scale + after.bias, dims_known=self.dims_known or after.dims_known
+        )
 
     def __add__(self, other: Kernel) -> Kernel:
         """The single kernel computing `self(x) + other(x)`: both embedded into a common geometry, then summed.
@@ -322,7 +326,7 @@ class Kernel:
             raise FusionRefused(Reason.GEOMETRY, f"transposed branches with {a.groups} and {b.groups} groups")
         groups = math.gcd(a.groups, b.groups)
         a, b = a.regrouped(groups), b.regrouped(groups)
-        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias)
+        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dims_known=a.dims_known or b.dims_known)
 
     def shifted(self, constant: float) -> Kernel:
         """The kernel computing `self(x) + constant`."""
@@ -414,7 +418,7 @@ class Kernel:
                 **where,
             )
         with torch.no_grad():
-            conv.weight.copy_(self.weight)
+            conv.weight.copy_(self.regrouped(1).weight if self.spatial_dims == 0 else self.weight)  # Linear: dense
             conv.bias.copy_(self.bias)
         return conv
 
@@ -428,7 +432,12 @@ def concatenated(kernels: list[Kernel]) -> Kernel:
     if any(k.transposed for k in kernels):
         raise FusionRefused(Reason.GEOMETRY, "concatenated transposed convolutions are not fused")
     parts = [k.regrouped(1) for k in aligned(kernels)]
-    return replace(parts[0], weight=torch.cat([k.weight for k in parts]), bias=torch.cat([k.bias for k in parts]))
+    return replace(
+        parts[0],
+        weight=torch.cat([k.weight for k in parts]),
+        bias=torch.cat([k.bias for k in parts]),
+        dims_known=any(k.dims_known for k in parts),
+    )
 
 
 def aligned(kernels: list[Kernel]) -> list[Kernel]:
@@ -480,9 +489,9 @@ def _same_dims(a: Kernel, b: Kernel) -> tuple[Kernel, Kernel]:
     if a.spatial_dims == b.spatial_dims:
         return a, b
     if b.is_channelwise:
-        return a, replace(Kernel.affine(b.weight.reshape(-1), b.bias, a.spatial_dims), dtype=b.dtype)
+        return a, replace(Kernel.affine(b.weight.reshape(-1), b.bias, a.spatial_dims), dtype=b.dtype, dims_known=False)
     if a.is_channelwise:
-        return replace(Kernel.affine(a.weight.reshape(-1), a.bias, b.spatial_dims), dtype=a.dtype), b
+        return replace(Kernel.affine(a.weight.reshape(-1), a.bias, b.spatial_dims), dtype=a.dtype, dims_known=False), b
     raise FusionRefused(Reason.GEOMETRY, f"a {a.spatial_dims}-d kernel cannot combine with a {b.spatial_dims}-d kernel")
 
 

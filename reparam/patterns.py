@@ -310,7 +310,7 @@ class Cat(_Call):
         names = frozenset(p.name for p in walk(self.element) if p.name is not None and not isinstance(p, Var))
         state = replace(state.inside(value).capture(self.name, value), repeated=state.repeated | names)
         for matched in _match_all([self.element] * len(tensors), list(tensors), state, ctx, value):
-            regions = [p.region for p in matched.parts if p.region is not None]
+            regions = [p.region for p in matched.parts if p.region is not None and p.region.kernel.dims_known]
             channel_dims = {1} | {-(r.kernel.spatial_dims + 1) for r in regions[:1]}
             if dim in channel_dims:
                 yield replace(matched, repeated=state.repeated - names)
@@ -383,5 +383,6 @@ class Match:
             like = next((p.region.kernel for p in self._state.parts if p.region is not None), None)
             if like is None:
                 raise FusionRefused(Reason.GEOMETRY, "an identity branch's channel count is unknown")
-            return Kernel.identity(like.in_channels, like.spatial_dims, dtype=like.dtype, device=like.weight.device)
+            identity = Kernel.identity(like.in_channels, like.spatial_dims, dtype=like.dtype, device=like.weight.device)
+            return replace(identity, dims_known=like.dims_known)
         return self._ctx.layer_kernel(capture)

@@ -186,9 +186,14 @@ def plan(region: Region, allow_costlier: bool = False) -> tuple[Plan, Cost]:
     both convs but still absorbs each one's BatchNorm. With `allow_costlier`, a region of more
     than one layer is always one conv.
     """
-    if allow_costlier and not isinstance(region, Leaf):
+    if allow_costlier and not isinstance(region, Leaf) and region.kernel.dims_known:
         return Fuse(region), Cost.of(region.kernel)
     return _plan(region, allow_fusion=True)
+
+
+def _can_fuse(kernel: Kernel, allow_fusion: bool) -> bool:
+    """A conv can be written for `kernel` (a per-channel map of unknown rank, BatchNorm1d-only, cannot)."""
+    return allow_fusion and kernel.dims_known
 
 
 def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
@@ -200,7 +205,7 @@ def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
         parts = [(node, None if r is None else _plan(r, allow_fusion)) for node, r in region.parts]
         written = sum((p[1] for _, p in parts if p is not None), region.own_cost)
         fused = Cost.of(region.kernel)
-        if allow_fusion and fused.no_more_than(written):
+        if _can_fuse(region.kernel, allow_fusion) and fused.no_more_than(written):
             return Fuse(region), fused
         return AsWritten(region, tuple((node, None if p is None else p[0]) for node, p in parts)), written
     raise TypeError(f"unknown region type {type(region).__name__}")
@@ -229,7 +234,7 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
         options = []  # fused segments first: on a tie in cost, fewer ops win
         for start in range(end - 1):
             kernel = segment_kernels.get((start, end))
-            if kernel is None:
+            if kernel is None or not kernel.dims_known:
                 continue
             fused = Cost.of(kernel).at_density(densities[start])
             if not fused.no_more_than(sum(single_costs[start:end], FREE)):

@@ -25,6 +25,7 @@ from torch import nn
 from ..kernel import Kernel
 from ..rules import LinearLayer
 
-_SPATIAL_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# BatchNorm1d normalizes (batch, C) and (batch, C, L) alike: its number of spatial dims is not known
+_SPATIAL_DIMS = {nn.BatchNorm1d: None, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 BATCHNORM = LinearLayer("conv_bn", tuple(_SPATIAL_DIMS), lambda bn: Kernel.from_batchnorm(bn, _SPATIAL_DIMS[type(bn)]))

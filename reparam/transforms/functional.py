@@ -32,9 +32,9 @@ def batch_norm_kernel(
     shift = -running_mean.detach().to(torch.float64) * scale
     if bias is not None:
         shift = shift + bias.detach().to(torch.float64)
-    # a per-channel map: its spatial dims adapt to the kernels it combines with
+    # a per-channel map on an input of unknown rank: its spatial dims adapt to the kernels it combines with
     kernel = Kernel.affine(scale, shift, spatial_dims=2)
-    return dataclasses.replace(kernel, dtype=running_var.dtype)
+    return dataclasses.replace(kernel, dtype=running_var.dtype, dims_known=False)
 
 
 CONV = LinearLayer("functional_conv", (F.conv1d, F.conv2d, F.conv3d), conv_kernel)

@@ -11,14 +11,16 @@ This covers `x * const`, `x * param` (a layer-scale gamma), `x / const`, `x + co
 stored on the model that broadcasts per channel: a scalar, or shape `(C, 1, ..., 1)` /
 `(1, C, 1, ..., 1)` (for a linear layer's `(batch, features)` output, `(C,)` or `(1, C)`).
 
-Exact condition: the constant is one (not computed in forward: `not constant`) and it varies
-at most along channels (`geometry` otherwise: a per-position constant is not a convolution).
+Exact condition: the constant is one (stored on the model, possibly reshaped; a value computed
+in forward does not match and is left as written) and it varies at most along channels
+(`geometry` otherwise: a per-position constant is not a convolution).
 
 Paper: the layer-scale of ConvNeXt / UniRepLKNet, and MobileOne's scale branches
 (P. K. A. Vasu et al., "MobileOne: An Improved One millisecond Mobile Backbone", CVPR 2023).
 """
 
 import operator
+from dataclasses import replace
 
 import torch
 
@@ -47,7 +49,7 @@ def per_channel(constant: object, like: Kernel) -> torch.Tensor:
 def scale(m: Match) -> Kernel:
     kernel = m.kernel("a")
     s = per_channel(m.value("s"), kernel)
-    return kernel.then(Kernel.affine(s, torch.zeros_like(s), kernel.spatial_dims))
+    return kernel.then(_affine(s, torch.zeros_like(s), kernel))
 
 
 def divide(m: Match) -> Kernel:
@@ -55,13 +57,18 @@ def divide(m: Match) -> Kernel:
         raise FusionRefused(Reason.GEOMETRY, "a division with a rounding mode is not linear")
     kernel = m.kernel("a")
     s = per_channel(m.value("s"), kernel)
-    return kernel.then(Kernel.affine(1 / s, torch.zeros_like(s), kernel.spatial_dims))
+    return kernel.then(_affine(1 / s, torch.zeros_like(s), kernel))
 
 
 def shift(m: Match) -> Kernel:
     kernel = m.kernel("a")
     t = per_channel(m.value("t"), kernel)
-    return kernel.then(Kernel.affine(torch.ones_like(t), t, kernel.spatial_dims))
+    return kernel.then(_affine(torch.ones_like(t), t, kernel))
+
+
+def _affine(scale: torch.Tensor, shift: torch.Tensor, like: Kernel) -> Kernel:
+    """The per-channel map, shaped like `like` (and as sure of its rank)."""
+    return replace(Kernel.affine(scale, shift, like.spatial_dims), dtype=like.dtype, dims_known=like.dims_known)
 
 
 _REGION = Linear(x, "a", identity=False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import reparam
@@ -165,3 +166,38 @@ def test_a_conv_on_a_map_not_known_to_be_1x1_or_grouped_stays(pool, groups):
     fused, report = reparam.fuse_with_report(model)
     assert report.replacements == [] and sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 2
     assert_same_function(model, fused, torch.randn(3, 3, 6, 6, dtype=torch.float64))
+
+
+class BatchNorm1dOnly(nn.Module):
+    """A region made only of per-channel maps of unknown rank: no conv can be written for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x) * 2.0 + x
+
+
+class FunctionalBatchNormCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):  # on a 5d input, dim -3 is depth, not channels
+        return torch.cat([F.batch_norm(x, self.mean, self.var), F.batch_norm(x, self.mean, self.var)], dim=-3)
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [(BatchNorm1dOnly, (4, 4)), (BatchNorm1dOnly, (4, 4, 3)), (FunctionalBatchNormCat, (2, 4, 3, 5, 5))],
+    ids=["(N, C) with N == C", "(N, C, L)", "cat on depth"],
+)
+def test_per_channel_maps_of_unknown_rank_are_never_written_as_a_conv(model, shape):
+    model = randomize_batchnorm(model()).double().eval()
+    fused = reparam.fuse(model)
+    assert not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in fused.modules())
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
