@@ -57,9 +57,12 @@ def fuse(
             fused children in place, and the result shares the layers it did not change.
         leaf_modules: module types the tracer must not trace into (kept as single calls).
         concrete_args: arguments of `model.forward` to fix while tracing (see torch.fx).
-        verify: run the original and the fused model on `example_inputs` (or a random input of
-            `input_shape`) and raise `VerificationError`, naming the first differing rewrite,
-            if they differ beyond the dtype's tolerance.
+        example_inputs, input_shape: inputs for the model (or the shape of a random one): their
+            shapes are propagated through the graph, so that rules needing a rank (a Linear on
+            `(batch, features)`) can see it; `verify` runs them.
+        verify: run the original and the fused model on the example inputs and raise
+            `VerificationError`, naming the first differing rewrite, if they differ beyond the
+            dtype's tolerance.
         strict: raise `StrictModeError` if anything was refused or could not be traced.
     """
     return fuse_with_report(
@@ -100,15 +103,16 @@ def fuse_with_report(
     chosen = resolve(rules)
     working = model if inplace else copy.deepcopy(model)
     traced_original = None
+    if example_inputs is None and input_shape is not None:
+        example_inputs = example_inputs_for(model, input_shape)
     if verify:
-        example_inputs = example_inputs if example_inputs is not None else example_inputs_for(model, input_shape)
         try:
             traced_original = copy.deepcopy(trace(model, chosen, leaf_modules, concrete_args))
         except ReparamError:
             traced_original = None
         reference = copy.deepcopy(model) if inplace else model
     engine = Engine(chosen, allow_costlier)
-    fused, report = fuse_tree(working, engine.run, chosen, leaf_modules, concrete_args)
+    fused, report = fuse_tree(working, engine.run, chosen, leaf_modules, concrete_args, "", example_inputs)
     if verify:
         compare(reference, fused, example_inputs, traced_original)
     if strict and (report.refusals or report.untraced):

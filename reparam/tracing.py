@@ -14,8 +14,9 @@ from typing import Any
 import torch.fx
 from torch import nn
 from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import NotTraceableError
+from .errors import NotTraceableError, ReparamError
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
 
@@ -62,8 +63,13 @@ def fuse_tree(
     leaf_modules: Sequence[type[nn.Module]],
     concrete_args: dict[str, Any] | None,
     path: str = "",
+    example_inputs: tuple[Any, ...] | None = None,
 ) -> tuple[nn.Module, FuseReport]:
-    """`module` fused by `run` where it traces: whole, or else child by child (in place)."""
+    """`module` fused by `run` where it traces: whole, or else child by child (in place).
+
+    With `example_inputs`, shapes are propagated first, so rules that need an input's rank
+    (a Linear on `(batch, features)`) can see it.
+    """
     try:
         gm = trace(module, rules, leaf_modules, concrete_args)
     except NotTraceableError as error:
@@ -77,5 +83,15 @@ def fuse_tree(
             setattr(module, name, fused)
             report.extend(child_report)
         return module, report
+    if example_inputs is not None:
+        try:
+            ShapeProp(gm).propagate(*example_inputs)
+        except Exception as error:
+            cause = error.__cause__ or error
+            raise ReparamError(
+                f"the example inputs do not run through the original model ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0]}); pass example_inputs=(...) or input_shape=(...) that its "
+                "forward accepts"
+            ) from error
     report = run(gm)
     return gm, report.prefixed(path)

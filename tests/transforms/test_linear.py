@@ -201,3 +201,13 @@ def test_per_channel_maps_of_unknown_rank_are_never_written_as_a_conv(model, sha
     x = torch.randn(*shape, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(fused(x), model(x))
+
+
+def test_example_inputs_reveal_a_linear_inputs_rank():
+    model = randomize_batchnorm(TokensThenBN()).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)  # (batch, features) this time
+    fused = reparam.fuse(model, example_inputs=(x,))
+    assert (linears(fused), batchnorms(fused)) == (1, 0)
+    assert_same_function(model, fused, x)
+    tokens = reparam.fuse(model, example_inputs=(torch.randn(2, 4, 4, dtype=torch.float64),))
+    assert batchnorms(tokens) == 1
