@@ -310,7 +310,7 @@ def _rename(gm: GraphModule, new: _NewModule) -> str:
     """Move a new module from its temporary name to its preferred one (or a free variant of it)."""
     preferred = new.preferred_name
     candidates = [preferred, f"{preferred}_fused"] + [f"{preferred}_fused_{i}" for i in range(1, 1000)]
-    final = next(c for c in candidates if _free(gm, c))
+    final = next(c for c in candidates if free_path(gm, c))
     module = gm.get_submodule(new.node.target)
     delattr(gm, new.node.target)
     gm.add_submodule(final, module)
@@ -335,7 +335,8 @@ def _fusion(module: str, new: _NewModule, region: Region) -> Fusion:
     )
 
 
-def _free(gm: GraphModule, path: str) -> bool:
+def free_path(gm: GraphModule, path: str) -> bool:
+    """Whether nothing lives at `path` in `gm` yet (a new submodule may be added there)."""
     owner: object = gm
     for part in path.split("."):
         if not hasattr(owner, part):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .engine import Engine
+from .engine import Engine, free_path
 from .errors import ReparamError, StrictModeError, TrainingModeError
 from .registry import RuleSet, resolve
 from .report import FuseReport
@@ -314,7 +314,7 @@ def _preferred_name(sources: tuple[str, ...], rules: Iterable[str]) -> str:
 def _rename(gm: GraphModule, node: Node, preferred: str) -> str:
     old = str(node.target)
     candidates = [preferred, f"{preferred}_fused"] + [f"{preferred}_fused_{i}" for i in range(1, 1000)]
-    new = next(c for c in candidates if c == old or _free(gm, c))
+    new = next(c for c in candidates if c == old or free_path(gm, c))
     if new == old:
         return old
     module = gm.get_submodule(old)
@@ -325,14 +325,3 @@ def _rename(gm: GraphModule, node: Node, preferred: str) -> str:
         if user.op == "call_module" and user.target == old:
             user.target = new
     return new
-
-
-def _free(gm: GraphModule, path: str) -> bool:
-    owner: object = gm
-    for part in path.split("."):
-        if not hasattr(owner, part):
-            return True
-        owner = getattr(owner, part)
-        if not isinstance(owner, nn.Module):
-            return False
-    return False
