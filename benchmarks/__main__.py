@@ -1,0 +1,5 @@
+"""`python -m benchmarks`: see `benchmarks.run.main`."""
+
+from .run import main
+
+raise SystemExit(main())
