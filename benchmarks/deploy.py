@@ -12,6 +12,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from reparam.stats import forward_with_hooks
+
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=True)
@@ -116,17 +118,7 @@ def _signature(module: nn.Module) -> tuple:
 def _call_order(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The conv and linear modules of `model` in the order one forward calls them."""
     order: list[nn.Module] = []
-    handles = [
-        m.register_forward_hook(lambda module, _i, _o: order.append(module))
-        for m in model.modules()
-        if isinstance(m, _WEIGHTED)
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, example, {_WEIGHTED: lambda module, _i, _o: order.append(module)})
     return order
 
 

@@ -38,11 +38,14 @@ def macs(model: nn.Module, example: Tensor) -> int:
         nonlocal total
         total += output.numel()
 
-    hooks: dict[tuple[type[nn.Module], ...], Callable] = {
-        CONV_TYPES: conv_hook,
-        (nn.Linear,): linear_hook,
-        BATCHNORM_TYPES: bn_hook,
-    }
+    forward_with_hooks(model, example, {CONV_TYPES: conv_hook, (nn.Linear,): linear_hook, BATCHNORM_TYPES: bn_hook})
+    return total
+
+
+def forward_with_hooks(
+    model: nn.Module, example: Tensor, hooks: dict[tuple[type[nn.Module], ...], Callable[..., None]]
+) -> None:
+    """Run one forward of `model` with `hooks[types]` as forward hook on every submodule of those types."""
     handles = [
         m.register_forward_hook(hook) for m in model.modules() for types, hook in hooks.items() if isinstance(m, types)
     ]
@@ -52,7 +55,6 @@ def macs(model: nn.Module, example: Tensor) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    return total
 
 
 def relative_error(output: Tensor, reference: Tensor) -> float:
