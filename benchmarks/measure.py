@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import benchmark
 
 from reparam.blocks import RepVGGBlock, randomize_batchnorm
 from reparam.stats import relative_error
@@ -81,7 +81,9 @@ def latencies(
                 timer = benchmark.Timer(
                     stmt="model(x)", globals={"model": models[name], "x": example}, num_threads=threads, label=name
                 )
-                measurement = timer.timeit(number=1) if slow[name] else timer.blocked_autorange(min_run_time=min_run_time)
+                measurement = (
+                    timer.timeit(number=1) if slow[name] else timer.blocked_autorange(min_run_time=min_run_time)
+                )
                 times[name] += measurement.times
                 per_round[name].append(measurement.median)
     result = {}
@@ -115,7 +117,7 @@ def peak_memory(model: nn.Module, example: Tensor) -> float | None:
             events = [
                 (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
             ]
-        except Exception:  # a private profiler API; report n/a rather than fail
+        except Exception:  # noqa: BLE001 (a private profiler API: report n/a rather than fail)
             return None
     if not events:
         return None

@@ -59,12 +59,21 @@ def full_nets() -> list[NetSpec]:
     s0 = MobileOne.s0()
     s0_widths = tuple(stage[-1].branches[0].conv.out_channels for stage in s0.stages)
     return [
-        _repvgg("RepVGG-A0", (1, 2, 4, 14, 1), _repvgg_widths(a0), 1000, "`RepVGG.a0()`: blocks 1-2-4-14-1, a=0.75, b=2.5"),
-        _repvgg("RepVGG-B0", (1, 4, 6, 16, 1), _repvgg_widths(b0), 1000, "`RepVGG.b0()`: blocks 1-4-6-16-1, a=1, b=2.5"),
+        _repvgg(
+            "RepVGG-A0", (1, 2, 4, 14, 1), _repvgg_widths(a0), 1000, "`RepVGG.a0()`: blocks 1-2-4-14-1, a=0.75, b=2.5"
+        ),
+        _repvgg(
+            "RepVGG-B0", (1, 4, 6, 16, 1), _repvgg_widths(b0), 1000, "`RepVGG.b0()`: blocks 1-4-6-16-1, a=1, b=2.5"
+        ),
         _resnet("DBB-ResNet-18", DiverseBranchBlock, 64, 1000, "`ResNet18(DiverseBranchBlock)`"),
         _resnet("ACNet-ResNet-18", ACBlock, 64, 1000, "`ResNet18(ACBlock)`"),
         _mobileone(
-            "MobileOne-S0", (2, 8, 10, 1), s0_widths, s0.stem.branches[0].conv.out_channels, 4, 1000,
+            "MobileOne-S0",
+            (2, 8, 10, 1),
+            s0_widths,
+            s0.stem.branches[0].conv.out_channels,
+            4,
+            1000,
             "`MobileOneS0()`: stages 2-8-10-1, widths 48-128-256-1024, k=4",
         ),
     ]

@@ -208,8 +208,7 @@ def _placed(models: dict[str, nn.Module], example: torch.Tensor, config: str):
     dtype = torch.float16 if "fp16" in config else torch.float32
     memory_format = torch.channels_last if "channels_last" in config else torch.contiguous_format
     placed = {
-        name: copy.deepcopy(m).to(device="cuda", dtype=dtype, memory_format=memory_format)
-        for name, m in models.items()
+        name: copy.deepcopy(m).to(device="cuda", dtype=dtype, memory_format=memory_format) for name, m in models.items()
     }
     return placed, example.to(device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
 
@@ -244,7 +243,9 @@ def run(settings: Settings, device: str, threads: int, log=print) -> Results:
                         reference = copy.deepcopy(models["unfused"]).double()(example.double())
                         result.errors[config] = {n: _rel(placed[n](x), reference) for n in VARIANTS if n in placed}
                 if batch in settings.memory_batches:
-                    result.memory[config, batch] = {n: measure.peak_memory(placed[n], x) for n in VARIANTS if n in placed}
+                    result.memory[config, batch] = {
+                        n: measure.peak_memory(placed[n], x) for n in VARIANTS if n in placed
+                    }
                 result.latency[config, batch] = measure.latencies(
                     placed, x, rounds=settings.rounds[batch], min_run_time=settings.min_run_time[batch], threads=threads
                 )
@@ -270,7 +271,9 @@ def run(settings: Settings, device: str, threads: int, log=print) -> Results:
         seconds = measure.wall_time(lambda net=net: reparam.fuse(net), repeats)
         without_gc = measure.wall_time(lambda net=net: reparam.fuse(net), repeats, collect_garbage=False)
         scaling.append((blocks, seconds, without_gc))
-        log(f"  {blocks} blocks: {seconds:.3f} s ({seconds / blocks * 1e3:.2f} ms/block), {without_gc:.3f} s without GC")
+        log(
+            f"  {blocks} blocks: {seconds:.3f} s ({seconds / blocks * 1e3:.2f} ms/block), {without_gc:.3f} s without GC"
+        )
         del net
     env["load average (1 min) at end"] = _load()
     return Results(

@@ -92,6 +92,6 @@ class MobileOne(nn.Module):
         return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
-def MobileOneS0(num_classes: int = 1000) -> MobileOne:  # noqa: N802 (named like the paper's model)
+def MobileOneS0(num_classes: int = 1000) -> MobileOne:
     """MobileOne-S0: 1 + 2 * 21 = 43 MobileOneBlocks with 4 KxK branches each; deployed, 43 convs."""
     return MobileOne.s0(num_classes)
