@@ -12,14 +12,17 @@ Each pass:
    modules deleted, and each new conv named after the layers it replaced.
 
 Passes repeat until one changes nothing, so `fuse` of a fused graph changes nothing. Every new
-node carries its provenance in `node.meta["reparam"]`.
+node carries its provenance in `node.meta["reparam"]`. Last, every layer the graph calls becomes a
+direct child of the GraphModule (`stages.0.conv` -> `stages_0_conv`), so that the generated
+`forward` looks each one up once, as a hand-written forward would, not through a chain of
+`nn.Module.__getattr__` calls.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -90,6 +93,9 @@ class Engine:
                 f"rules were still rewriting the graph after {_MAX_PASSES} passes: does a replacement rule match "
                 "the module it returns?"
             )
+        moved = _flatten_paths(gm)
+        report.fusions = [replace(f, module=moved.get(f.module, f.module)) for f in report.fusions]
+        report.replacements = [replace(r, module=moved.get(r.module, r.module)) for r in report.replacements]
         gm.graph.lint()
         gm.recompile()
         return report
@@ -276,6 +282,42 @@ def _delete_unused_submodules(gm: GraphModule) -> None:
     for name, _ in list(gm.named_modules()):
         if name and name not in used:
             gm.delete_submodule(name)
+
+
+def _flatten_paths(gm: GraphModule) -> dict[str, str]:
+    """Make each module and tensor the graph reads a direct attribute of `gm`; return the moves.
+
+    A call to `stages.0.conv` compiles to `getattr(self.stages, "0").conv(x)`: three Python-level
+    `nn.Module.__getattr__` calls per layer per forward, where `self.stages_0_conv(x)` makes one
+    (measured: the glue of a fused MobileOne-S0, 43 layers, falls from 4x to under 2x a
+    hand-written net's). A tensor of a called module stays on it (`stages_0_conv.weight`);
+    others move up, parameters and buffers keeping their kind, buffers their persistence.
+    """
+    moved: dict[str, str] = {}
+
+    def move(path: str) -> str:
+        if path not in moved:
+            flat = path.replace(".", "_")
+            moved[path] = next(c for c in [flat] + [f"{flat}_{i}" for i in range(1, 1000)] if not hasattr(gm, c))
+            owner_path, _, name = path.rpartition(".")
+            owner = gm.get_submodule(owner_path)
+            if name in owner._buffers:
+                persistent = name not in owner._non_persistent_buffers_set
+                gm.register_buffer(moved[path], owner._buffers[name], persistent=persistent)
+            else:
+                setattr(gm, moved[path], getattr(owner, name))
+        return moved[path]
+
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and "." in str(n.target)]
+    for node in nodes:
+        if node.op == "call_module":
+            node.target = move(str(node.target))
+    for node in nodes:
+        if node.op == "get_attr":
+            owner, _, name = str(node.target).rpartition(".")
+            node.target = f"{moved[owner]}.{name}" if owner in moved else move(str(node.target))
+    _delete_unused_submodules(gm)
+    return moved
 
 
 def _drop_noops(gm: GraphModule) -> None:

@@ -48,7 +48,7 @@ def test_an_untraceable_forward_is_reported_and_its_children_fused():
     [untraced] = report.untraced
     assert (untraced.module, untraced.type_name) == ("<model>", "Untraceable")
     assert "control flow" in untraced.reason
-    assert [f.module for f in report.fusions] == ["blocks.0.conv", "blocks.1.conv"]
+    assert [f.module for f in report.fusions] == ["blocks.0_conv", "blocks.1_conv"]
     x = torch.randn(1, 4, 6, 6).abs()
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), atol=1e-5)
@@ -74,7 +74,7 @@ def test_dtype_is_kept():
 def test_new_nodes_carry_provenance_and_names_follow_the_blocks():
     fused, report = reparam.fuse_with_report(block())
     new = [n for n in fused.graph.nodes if "reparam" in n.meta]
-    assert [n.target for n in new] == ["0.conv", "1.conv"] == [f.module for f in report.fusions]
+    assert [n.target for n in new] == ["0_conv", "1_conv"] == [f.module for f in report.fusions]
     assert new[0].meta["reparam"]["sources"] == [
         "0.dense.conv",
         "0.dense.bn",
@@ -83,12 +83,41 @@ def test_new_nodes_carry_provenance_and_names_follow_the_blocks():
         "0.identity",
     ]
     assert set(new[0].meta["reparam"]["rules"]) == {"multiscale", "conv_bn", "branch_sum"}
-    assert "0.conv" in str(report) and "0.identity" in str(report)
+    assert "0_conv" in str(report) and "0.identity" in str(report)
 
 
 def test_state_dict_of_fused_model_is_plain():
     fused = reparam.fuse(block())
-    assert sorted(fused.state_dict()) == ["0.conv.bias", "0.conv.weight", "1.conv.bias", "1.conv.weight"]
+    assert sorted(fused.state_dict()) == ["0_conv.bias", "0_conv.weight", "1_conv.bias", "1_conv.weight"]
+
+
+class Nested(nn.Module):
+    """Layers two levels down, a tensor read by `get_attr`, and two paths that flatten alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleDict({"b_c": nn.Conv2d(4, 4, 1), "b": nn.Module()})
+        self.a_b = nn.Module()
+        self.a_b.c = nn.ReLU()
+        self.a["b"].c = nn.ReLU()
+        self.stages = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+        self.stages[0].register_buffer("offset", torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        x = self.a_b.c(self.a["b"].c(self.a["b_c"](x)))
+        return self.stages(x) * self.stages[0].offset + self.a["b_c"].bias.view(4, 1, 1)
+
+
+def test_layers_become_direct_children_so_the_forward_looks_each_up_once():
+    model = Nested().eval()
+    fused = reparam.fuse(model)
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_module"]
+    assert sorted(targets) == ["a_b_c", "a_b_c_1", "a_b_c_2", "stages_0_0", "stages_0_1"]
+    assert "getattr(" not in fused.code and "self.stages_0_offset" in fused.code and "self.a_b_c.bias" in fused.code
+    assert sorted(fused.state_dict()) == [
+        "a_b_c.bias", "a_b_c.weight", "stages_0_0.bias", "stages_0_0.weight", "stages_0_offset"
+    ]
+    assert_same_function(model, fused, torch.randn(2, 4, 6, 6))
 
 
 def test_a_rule_that_raises_is_reported_by_name():

@@ -85,7 +85,7 @@ def test_fuse_a_pickled_module_with_verify_and_json(files, tmp_path) -> None:
     assert document["format"] == "pickled_module"
     assert document["before"] == {"convs": 6, "batchnorms": 7, "parameters": document["before"]["parameters"]}
     assert document["after"]["convs"] == 3 and document["after"]["batchnorms"] == 0
-    assert [f["module"] for f in document["fusions"]] == ["0.conv", "1.conv", "2.conv"]
+    assert [f["module"] for f in document["fusions"]] == ["0_conv", "1_conv", "2_conv"]
     assert set(document["fusions"][0]) == {
         "module",
         "sources",

@@ -173,7 +173,7 @@ def test_requires_grad_buffers_state_dict_and_pickling_survive():
     model.body.requires_grad_(False)
     fused = reparam.fuse(model)
     assert not fused.get_submodule("head").weight.requires_grad and fused.get_submodule("head").bias.requires_grad
-    assert not any(p.requires_grad for p in fused.get_submodule("body.conv").parameters()), "frozen stays frozen"
+    assert not any(p.requires_grad for p in fused.get_submodule("body_conv").parameters()), "frozen stays frozen"
     assert torch.equal(fused.steps, torch.tensor(7))
     fused.load_state_dict(fused.state_dict())
     buffer = io.BytesIO()
