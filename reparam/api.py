@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+import gc
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -79,6 +81,23 @@ def fuse(
     )[0]
 
 
+@contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for the duration (resumed as it was found).
+
+    Fusing allocates many small objects (fx nodes, kernels), and each full collection walks every
+    object alive, the model's included: on a 5,000-block net that was a quarter of `fuse`'s time.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_garbage_collection_paused()
 def fuse_with_report(
     model: nn.Module,
     *,

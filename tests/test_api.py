@@ -1,6 +1,7 @@
 """The public entry points: guarantees on the caller's model, errors, the report, provenance."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -139,3 +140,17 @@ def test_rules_can_be_chosen():
         reparam.fuse(model.double(), rules=reparam.BUILTIN_RULES[:2]),
         torch.randn(1, 4, 5, 5, dtype=torch.float64),
     )
+
+
+def test_the_garbage_collector_is_left_as_it_was_found():
+    reparam.fuse(block())
+    assert gc.isenabled()
+    with pytest.raises(reparam.TrainingModeError):
+        reparam.fuse(block().train())
+    assert gc.isenabled(), "resumed after an error too"
+    gc.disable()
+    try:
+        reparam.fuse(block())
+        assert not gc.isenabled(), "a caller's choice to keep it off is kept"
+    finally:
+        gc.enable()
