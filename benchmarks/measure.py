@@ -244,15 +244,14 @@ def synthetic_net(blocks: int, channels: int = 8) -> nn.Module:
     return randomize_batchnorm(nn.Sequential(*[RepVGGBlock(channels, channels) for _ in range(blocks)])).eval()
 
 
-def wall_time(function: Callable[[], object], repeats: int, collect_garbage: bool = True) -> float:
+def wall_time(function: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of `function()` over `repeats` calls, timed by `timeit`.
 
-    `timeit` switches the cyclic garbage collector off by default; with `collect_garbage` it is
-    switched back on, since a user's `fuse` call runs with it, and its cost grows with the number
-    of live objects. Without, the time is that of the code alone.
+    `timeit` switches the cyclic garbage collector off by default; it is switched back on, as in a
+    user's call (where `fuse` pauses it itself).
     """
     gc.collect()
-    timer = timeit.Timer(function, setup="gc.enable()" if collect_garbage else "gc.disable()", globals={"gc": gc})
+    timer = timeit.Timer(function, setup="gc.enable()", globals={"gc": gc})
     try:
         return statistics.median(timer.repeat(repeat=repeats, number=1))
     finally:

@@ -255,29 +255,20 @@ def _scaling(results: Results) -> list[str]:
         (
             "Wall time of `reparam.fuse` (trace, annotate, plan, rewrite, recompile; the deep copy of the model "
             "included) on `nn.Sequential` of N `RepVGGBlock(8, 8)` (3x3, 1x1 and BN-identity branches), median of "
-            "`timeit` repeats with the garbage collector on (as in a user's call), and again with it off (the code "
-            "alone). Linear scaling: constant time per block, t(2N)/t(N) = 2."
+            "`timeit` repeats. Linear scaling: constant time per block, t(2N)/t(N) = 2."
         ),
         "",
     ]
-    times = {blocks: seconds for blocks, seconds, _ in results.scaling}
-    quiet = {blocks: seconds for blocks, _, seconds in results.scaling}
+    times = dict(results.scaling)
     rows = [
-        [
-            str(blocks),
-            str(results.settings.fuse_repeats.get(blocks, 1)),
-            f"{sec:.3f}",
-            f"{sec / blocks * 1e3:.2f}",
-            f"{nogc:.3f}",
-            f"{nogc / blocks * 1e3:.2f}",
-        ]
-        for blocks, sec, nogc in results.scaling
+        [str(blocks), str(results.settings.fuse_repeats.get(blocks, 1)), f"{sec:.3f}", f"{sec / blocks * 1e3:.2f}"]
+        for blocks, sec in results.scaling
     ]
-    lines += _table(["blocks N", "repeats", "fuse s", "ms per block", "fuse s, GC off", "ms per block, GC off"], rows)
+    lines += _table(["blocks N", "repeats", "fuse s", "ms per block"], rows)
     pairs = [(a, b) for a, b in dict.fromkeys(_DOUBLINGS) if a in times and b in times]
     if pairs:
-        rows = [[f"{a} → {b}", f"{times[b] / times[a]:.2f}", f"{quiet[b] / quiet[a]:.2f}"] for a, b in pairs]
-        lines += _table(["N → 2N", "t(2N) / t(N)", "t(2N) / t(N), GC off"], rows)
+        rows = [[f"{a} → {b}", f"{times[b] / times[a]:.2f}"] for a, b in pairs]
+        lines += _table(["N → 2N", "t(2N) / t(N)"], rows)
     return lines
 
 

@@ -109,7 +109,7 @@ class Results:
     environment: dict[str, str]
     configs: list[str]
     nets: list[NetResult]
-    scaling: list[tuple[int, float, float]]  # (blocks, seconds, seconds with the garbage collector off)
+    scaling: list[tuple[int, float]]  # (blocks, seconds)
     gpu_note: str | None
     seconds: float = 0.0
 
@@ -269,11 +269,8 @@ def run(settings: Settings, device: str, threads: int, log=print) -> Results:
         net = measure.synthetic_net(blocks)
         repeats = settings.fuse_repeats.get(blocks, 1)
         seconds = measure.wall_time(lambda net=net: reparam.fuse(net), repeats)
-        without_gc = measure.wall_time(lambda net=net: reparam.fuse(net), repeats, collect_garbage=False)
-        scaling.append((blocks, seconds, without_gc))
-        log(
-            f"  {blocks} blocks: {seconds:.3f} s ({seconds / blocks * 1e3:.2f} ms/block), {without_gc:.3f} s without GC"
-        )
+        scaling.append((blocks, seconds))
+        log(f"  {blocks} blocks: {seconds:.3f} s ({seconds / blocks * 1e3:.2f} ms/block)")
         del net
     env["load average (1 min) at end"] = _load()
     return Results(
