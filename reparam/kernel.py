@@ -211,7 +211,12 @@ class Kernel:
     @property
     def is_channelwise(self) -> bool:
         """True for a per-channel affine map `y[c] = s[c] x[c] + t[c]` (a pointwise depthwise kernel)."""
-        return self.is_pointwise and self.groups == self.in_channels == self.out_channels
+        return self.is_pointwise and self.is_depthwise
+
+    @property
+    def is_depthwise(self) -> bool:
+        """True when output channel c reads input channel c only (`groups == in_channels == out_channels`)."""
+        return not self.transposed and self.groups == self.in_channels == self.out_channels
 
     @property
     def output_density(self) -> Fraction:
@@ -266,8 +271,7 @@ class Kernel:
             )
         if after.is_channelwise:
             return self._scaled(after)
-        groups = math.gcd(self.groups, after.groups)
-        first, second = self.regrouped(groups), after.regrouped(groups)
+        groups, equation, w1, w2 = self._tap_product(after)
         size, dilation, starts, steps = [], [], [], []
         for k1, s1, d1, k2, d2 in zip(self.kernel_size, self.stride, self.dilation, after.kernel_size, after.dilation):
             lattice = math.gcd(d1 if k1 > 1 else 0, s1 * d2 if k2 > 1 else 0) or 1
@@ -275,16 +279,15 @@ class Kernel:
             dilation.append(lattice)
             starts.append(s1 * d2 // lattice)
             steps.append(d1 // lattice if k1 > 1 else 1)  # a single tap needs no spacing
-        w1 = first.weight.view(groups, -1, *first.weight.shape[1:])
-        w2 = second.weight.view(groups, -1, *second.weight.shape[1:])
-        weight = w1.new_zeros(groups, w2.shape[1], w1.shape[2], *size)
+        weight = w1.new_zeros(groups, after.out_channels // groups, self.in_channels // groups, *size)
         for taps in product(*(range(k) for k in after.kernel_size)):
             window = tuple(
                 slice(start * u, start * u + step * (k1 - 1) + 1, step)
                 for start, step, u, k1 in zip(starts, steps, taps, self.kernel_size)
             )
-            weight[(..., *window)] += torch.einsum("gom,gmi...->goi...", w2[(..., *taps)], w1)
-        bias = second.bias + torch.einsum("gom...,gm->go", w2, first.bias.view(groups, -1)).reshape(-1)
+            weight[(..., *window)] += torch.einsum(equation, w2[(..., *taps)], w1)
+        grouped = after.weight.view(after.groups, -1, *after.weight.shape[1:])
+        bias = after.bias + torch.einsum("gom...,gm->go", grouped, self.bias.view(after.groups, -1)).reshape(-1)
         return Kernel(
             dims_known=self.dims_known or after.dims_known,
             weight=weight.reshape(after.out_channels, -1, *size),
@@ -296,6 +299,23 @@ class Kernel:
             padding_mode=padding_mode,
             dtype=self.dtype,
         )
+
+    def _tap_product(self, after: Kernel) -> tuple[int, str, Tensor, Tensor]:
+        """The groups of `self.then(after)` and how one tap u of after meets all of self's taps.
+
+        With both weights viewed per group g, the product is `P_u[g,o,i] = sum_m W2[g,o,m,u] W1[g,m,i]`
+        on `gcd(self.groups, after.groups)` groups. When either side is depthwise, m is tied to o
+        or to i and the sum has one term: the product is per channel, without the dense C x C
+        weight that regrouping the depthwise side would build (its other terms are exact zeros).
+        """
+        if after.is_depthwise:  # m is o: P_u[g,o,i] = w2[g,o,u] W1[g,o,i]
+            groups, equation, first, second = self.groups, "go,goi...->goi...", self.weight, after.weight.squeeze(1)
+        elif self.is_depthwise:  # m is i: P_u[g,o,i] = W2[g,o,i,u] w1[g,i]
+            groups, equation, first, second = after.groups, "goi,gi...->goi...", self.weight.squeeze(1), after.weight
+        else:
+            groups, equation = math.gcd(self.groups, after.groups), "gom,gmi...->goi..."
+            first, second = self.regrouped(groups).weight, after.regrouped(groups).weight
+        return groups, equation, first.view(groups, -1, *first.shape[1:]), second.view(groups, -1, *second.shape[1:])
 
     def _scaled(self, after: Kernel) -> Kernel:
         """`self` followed by a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t."""

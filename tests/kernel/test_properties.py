@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import operator
 from functools import reduce
+from unittest import mock
 
 import pytest
 import torch
@@ -246,6 +247,45 @@ def test_then_biased_pointwise_into_reflect_replicate_circular_padded_kernel(dat
     x = data.draw(inputs(in_channels, ConvGeometry.of(second).min_input_size()), label="x")
     fused = _check_then(first_module, first, second, x)
     assert fused.padding_mode == second.padding_mode
+
+
+@given(st.data())
+def test_then_with_a_depthwise_side_is_per_channel(data):
+    """A depthwise side (groups == in == out channels, e.g. an average pool or a BN) composes per
+    channel: no regrouping into a dense C x C weight, and the same weights, bit for bit, as the
+    dense composition of both sides regrouped to one group (its extra terms are exact zeros).
+    The other side is dense or grouped, strided, dilated; b is unpadded unless a is pointwise."""
+    dims = data.draw(spatial_dims(), label="dims")
+    channels = data.draw(st.integers(1, 6), label="channels")
+    depthwise = {"in_channels": channels, "out_channels": channels, "groups": channels}
+    side = data.draw(st.sampled_from(["a", "b", "both"]), label="depthwise side")
+    pointwise = data.draw(st.booleans(), label="a pointwise, b padded")
+    b_kwargs = depthwise if side != "a" else {"in_channels": channels}
+    second = data.draw(convs(dims=dims, padded=None if pointwise else False, max_kernel=3, **b_kwargs), label="b")
+    zero_padded = ConvGeometry.of(second).is_padded and second.padding_mode == "zeros"
+    a_kwargs = depthwise if side != "b" else {"out_channels": channels}
+    bias = False if zero_padded else None
+    first = data.draw(convs(dims=dims, pointwise=pointwise, bias=bias, max_kernel=3, **a_kwargs), label="a")
+    x = _chain_input(data, first, second)
+    a, b = Kernel.from_conv(first), Kernel.from_conv(second)
+    with mock.patch.object(Kernel, "regrouped", autospec=True, side_effect=Kernel.regrouped) as regrouped:
+        fused = _check_then(first, a, second, x)
+    regrouped.assert_not_called()
+    dense = a.regrouped(1).then(b.regrouped(1))
+    assert torch.equal(fused.regrouped(1).weight, dense.weight)
+    assert_close(fused.bias, dense.bias)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_then_average_pool(stride):
+    """The Diverse Branch Block's avg-pool branch: a dense 1x1 (with bias), then an unpadded average pool."""
+    first = random_conv(ConvGeometry(4, 6, (1, 1), (1, 1), (0, 0), (1, 1)), 0)
+    pool = Kernel.avg_pool(6, 2, 3, stride, dtype=torch.float64)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    fused = Kernel.from_conv(first).then(pool)
+    assert (fused.kernel_size, fused.stride, fused.groups) == ((3, 3), (stride, stride), 1)
+    with torch.no_grad():
+        assert_computes(fused, x, nn.functional.avg_pool2d(first(x), 3, stride))
 
 
 # ----------------------------------------------------------------------------- parallel sums
