@@ -82,9 +82,14 @@ class Leaf(Region):
 
 @dataclass(frozen=True, eq=False)
 class Chain(Region):
-    """Parts applied one after another: `parts[-1](...parts[0](root))`."""
+    """Parts applied one after another: `parts[-1](...parts[0](root))`.
+
+    `prefixes[i]` is the kernel of `parts[: i + 2]`, as the chain was grown (the planner reuses
+    them); shorter than `len(parts) - 1` where a chain was appended whole.
+    """
 
     parts: tuple[Region, ...]
+    prefixes: tuple[Kernel, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,8 +120,11 @@ def chain(first: Region, second: Region) -> Chain:
     kernel = first.kernel.then(second.kernel)
     parts = tuple(p for r in (first, second) for p in (r.parts if isinstance(r, Chain) else (r,)))
     rules = first.rules | second.rules | (set() if second.kernel.is_channelwise else {"sequential"})
+    known = first.prefixes if isinstance(first, Chain) else ()
+    grown_by_one = len(known) == len(parts) - 2  # every prefix of first known, second one part
+    prefixes = known + (kernel,) if grown_by_one else known
     return Chain(
-        first.root, kernel, first.nodes | second.nodes, frozenset(rules), first.sources + second.sources, parts
+        first.root, kernel, first.nodes | second.nodes, frozenset(rules), first.sources + second.sources, parts, prefixes
     )
 
 
@@ -224,7 +232,7 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
             kernel = parts[start].kernel
             for end in range(start + 2, len(parts) + 1):
                 try:
-                    kernel = region.kernel if (start, end) == (0, len(parts)) else kernel.then(parts[end - 1].kernel)
+                    kernel = _segment_kernel(region, start, end) or kernel.then(parts[end - 1].kernel)
                 except FusionRefused:
                     break
                 segment_kernels[start, end] = kernel
@@ -247,10 +255,17 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
     return (steps[0] if len(steps) == 1 else Steps(steps)), cost
 
 
+def _segment_kernel(region: Chain, start: int, end: int) -> Kernel | None:
+    """The kernel of `region.parts[start:end]` if it is already known (the whole, or a prefix)."""
+    if end == len(region.parts) and start == 0:
+        return region.kernel
+    return region.prefixes[end - 2] if start == 0 and end - 2 < len(region.prefixes) else None
+
+
 def _sub_chain(parts: tuple[Region, ...], kernel: Kernel) -> Chain:
     nodes = frozenset().union(*(p.nodes for p in parts))
     rules = frozenset().union(*(p.rules for p in parts))
-    return Chain(parts[0].root, kernel, nodes, rules, tuple(n for p in parts for n in p.sources), parts)
+    return Chain(parts[0].root, kernel, nodes, rules, tuple(n for p in parts for n in p.sources), parts, ())
 
 
 def fuses_anything(p: Plan | None) -> bool:

@@ -1,12 +1,14 @@
 """Diverse Branch Blocks, alone and in a ResNet."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
 import reparam
+from reparam import Kernel
 from reparam.blocks import ACBlock, DiverseBranchBlock, ResNet18, plain_conv_bn, randomize_batchnorm
 from reparam.stats import relative_error
 from tests.helpers import assert_same_function, batchnorms, convs
@@ -29,6 +31,22 @@ def test_dbb_is_one_kxk_conv(kernel_size, stride, groups):
             assert relative_error(fused(x), model(x)) <= 1e-5
     double = copy.deepcopy(model).double()
     assert_same_function(double, reparam.fuse(double), torch.randn(1, 4, 9, 8, dtype=torch.float64))
+
+
+def test_no_kernel_composition_is_computed_twice():
+    """The planner reuses the kernels the chains were grown with (a DBB block's dense 1x1 -> KxK is its costliest)."""
+    model = randomize_batchnorm(DiverseBranchBlock(4, 8, 3)).eval()
+    calls = []
+    then = Kernel.then
+
+    def recorded(first, second):
+        calls.append((first, second))
+        return then(first, second)
+
+    with mock.patch.object(Kernel, "then", recorded):
+        reparam.fuse(model)
+    pairs = [(id(a), id(b)) for a, b in calls]
+    assert len(calls) >= 4 and len(set(pairs)) == len(pairs)
 
 
 @pytest.mark.parametrize("unit", [DiverseBranchBlock, ACBlock], ids=["DBB", "ACNet"])
