@@ -86,7 +86,7 @@ def _garbage_collection_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector for the duration (resumed as it was found).
 
     Fusing allocates many small objects (fx nodes, kernels), and each full collection walks every
-    object alive, the model's included: on a 5,000-block net that was a quarter of `fuse`'s time.
+    object alive, the model's included: on a 5,000-block net that was a third of `fuse`'s time.
     """
     was_enabled = gc.isenabled()
     gc.disable()
