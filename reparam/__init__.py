@@ -21,7 +21,7 @@ from .errors import (
 from .expansion import ExpandReport, expand, expand_with_report, register_expander
 from .export import fuse_exported, fuse_exported_with_report
 from .kernel import Kernel
-from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Var
+from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Neg, Sub, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set
 from .report import FuseReport, Fusion, Refusal, Replacement, Untraced
 from .rules import LinearLayer, PatternRule, ReplacementRule, Rule
@@ -47,6 +47,7 @@ __all__ = [
     "Match",
     "Module",
     "Mul",
+    "Neg",
     "NotTraceableError",
     "PatternRule",
     "Reason",
@@ -59,6 +60,7 @@ __all__ = [
     "RuleOverwriteWarning",
     "RuleSet",
     "StrictModeError",
+    "Sub",
     "TrainingModeError",
     "Untraced",
     "VerificationError",

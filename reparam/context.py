@@ -49,6 +49,10 @@ class Context:
             return (node.op, type(self.module(node)))
         return (node.op, node.target)
 
+    def has_rules(self, node: Node) -> bool:
+        """Whether some rule anchors on `node` (so that it may be folded into a region)."""
+        return bool(self._index.get(self.anchor(node)))
+
     def constant(self, value: Any) -> Any:
         """A call argument as a constant: tensors stored on the model, possibly reshaped, are fetched.
 

@@ -2,11 +2,13 @@
 
 Each pass:
 
-1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return.
+1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return;
+   then reads of a tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the
+   same metadata (`metadata.py`), so that an assert does not keep a conv output alive.
 2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
    from the regions of its inputs when that composition is exact and the inputs have no other
-   users.
+   users, and when no in-place op writes to what it reads before its output (`mutation.py`).
 3. *Materialize.* A region whose value is needed outside itself is planned (`region.plan`) and,
    where that fuses anything, emitted before its output node; its old nodes are erased, unused
    modules deleted, and each new conv named after the layers it replaced.
@@ -30,6 +32,8 @@ from torch.fx import GraphModule, Node
 
 from .context import Context, attribute, describe, reshapes
 from .errors import FusionRefused, Reason, ReparamError, RuleError
+from .metadata import hoist_metadata_reads
+from .mutation import Mutations
 from .region import (
     AsWritten,
     Chain,
@@ -78,6 +82,7 @@ class Engine:
             _delete_unused_submodules(gm)
             for new, rule in replaced:
                 report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
+            hoist_metadata_reads(gm, Context(gm, self._index))
             ctx = self._annotate(gm)
             fused = self._materialize(gm, ctx)
             _delete_unused_submodules(gm)
@@ -142,6 +147,7 @@ class Engine:
 
     def _annotate(self, gm: GraphModule) -> Context:
         ctx = Context(gm, self._index)
+        mutations = Mutations(gm, dict(gm.named_modules()))
         for node in gm.graph.nodes:
             for rule in self._index.get(ctx.anchor(node), ()):
                 try:
@@ -149,9 +155,14 @@ class Engine:
                 except FusionRefused as refusal:  # the rule matched and said no: final for this node
                     ctx.refuse(rule.name, refusal.nodes or [node], refusal)
                     break
-                if region is not None:
+                if region is None:
+                    continue
+                crossing = mutations.crossed(region.nodes, node)
+                if crossing is None:
                     ctx.regions[node] = region
-                    break
+                else:
+                    ctx.refuse(rule.name, region.sources, _mutation_refusal(crossing, node))
+                break
         return ctx
 
     # ---------------------------------------------------------------- materialize
@@ -330,6 +341,14 @@ def _drop_noops(gm: GraphModule) -> None:
         if type(module) in _NOOP_TYPES and not module.training:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+
+
+def _mutation_refusal(op: Node, end: Node) -> FusionRefused:
+    return FusionRefused(
+        Reason.IN_PLACE_MUTATION,
+        f"{describe(op)} writes in place to a tensor this region reads, before {describe(end)}: one kernel "
+        "applied at the region's output would read the written value, so the layers stay as written",
+    )
 
 
 def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:

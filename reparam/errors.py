@@ -19,6 +19,7 @@ class Reason(str, Enum):
     BORDER_NOT_EXACT = "border not exact"
     WOULD_COST_MORE = "would cost more"
     NOT_CONSTANT = "not constant"
+    IN_PLACE_MUTATION = "in-place mutation"
 
 
 class ReparamError(Exception):

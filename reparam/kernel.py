@@ -348,6 +348,14 @@ class Kernel:
         a, b = a.regrouped(groups), b.regrouped(groups)
         return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dims_known=a.dims_known or b.dims_known)
 
+    def __neg__(self) -> Kernel:
+        """The kernel computing `-self(x)` (exact: negation rounds nothing)."""
+        return replace(self, weight=-self.weight, bias=-self.bias)
+
+    def __sub__(self, other: Kernel) -> Kernel:
+        """The single kernel computing `self(x) - other(x)`: `self + (-other)`, exact when `+` is."""
+        return self + (-other)
+
     def shifted(self, constant: float) -> Kernel:
         """The kernel computing `self(x) + constant`."""
         return replace(self, bias=self.bias + constant)

@@ -9,6 +9,7 @@ A pattern describes a subgraph ending at one node (the anchor). Pieces:
 * `Module(types, input)`, `Conv(input)`, `BN(input)`: a call of a module of one of these exact
   types. `Call(target, *args)`: a call of a function or method; unlisted arguments are free.
 * `Add(a, b)`, `Mul(a, b)`: commutative, in any spelling (`a + b`, `torch.add`, `a.add(b)`).
+* `Sub(a, b)`, `Neg(a)`: `a - b` and `-a`, in any spelling (`torch.sub`, `a.sub(b)`, `torch.neg`).
 * `Cat(element)`: a channel concatenation of two or more values, each matching `element`.
 * `AnyOf(p, q, ...)`: the first alternative that matches.
 
@@ -260,18 +261,45 @@ class _Commutative(Call):
         super().__init__(self.targets_of_op, a, b, name=name)
 
     def operands(self, node: Node) -> list[list[Any]]:
-        args = list(node.args)
-        if "other" in node.kwargs:
-            args.append(node.kwargs["other"])
-        if len(args) != 2 or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"other", "alpha"}:
-            return []
-        return [args, args[::-1]]
+        args = _binary_operands(node)
+        return [args, args[::-1]] if args else []
+
+
+def _binary_operands(node: Node) -> list[Any]:
+    """The two operands of `a op b` / `torch.op(a, b)` / `a.op(other=b)`; none with an `alpha` other than 1."""
+    args = list(node.args)
+    if "other" in node.kwargs:
+        args.append(node.kwargs["other"])
+    if len(args) != 2 or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"other", "alpha"}:
+        return []
+    return args
 
 
 class Add(_Commutative):
     """`a + b` in any spelling (`+`, `operator.add`, `torch.add`, `Tensor.add`; no `alpha`)."""
 
     targets_of_op = (operator.add, torch.add, "add")
+
+
+class Sub(Call):
+    """`a - b` in any spelling (`-`, `operator.sub`, `torch.sub`, `Tensor.sub`; no `alpha`)."""
+
+    def __init__(self, a: Pattern, b: Pattern, name: str | None = None) -> None:
+        super().__init__((operator.sub, torch.sub, "sub"), a, b, name=name)
+
+    def operands(self, node: Node) -> list[list[Any]]:
+        args = _binary_operands(node)
+        return [args] if args else []
+
+
+class Neg(Call):
+    """`-a` in any spelling (unary `-`, `operator.neg`, `torch.neg`, `Tensor.neg`)."""
+
+    def __init__(self, a: Pattern, name: str | None = None) -> None:
+        super().__init__((operator.neg, torch.neg, "neg"), a, name=name)
+
+    def operands(self, node: Node) -> list[list[Any]]:
+        return [list(node.args)] if len(node.args) == 1 and not node.kwargs else []
 
 
 class Mul(_Commutative):

@@ -1,6 +1,8 @@
 """The torch.fx front end: trace a model, keeping every layer a rule knows as one node.
 
-`trace` traces one module or raises `NotTraceableError`. `fuse_tree` is what `fuse` runs: it
+`trace` traces one module or raises `NotTraceableError`, also when its forward writes to a
+parameter or buffer in place (torch.fx runs such a write at trace time and drops it from the
+graph; the trace's write is undone for buffers). `fuse_tree` is what `fuse` runs: it
 fuses the whole model if its forward traces, and otherwise descends into its children, so the
 largest traceable submodules are fused and the untraceable parts stay as written (and are
 reported with the tracer's reason).
@@ -11,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -42,6 +45,8 @@ def trace(
     """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes."""
     leaf_types = frozenset(target for rule in rules for op, target in rule.anchors if op == "call_module")
     tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    versions = {name: t._version for name, t in _tensors(model)}
     try:
         graph = tracer.trace(model, concrete_args)
     except Exception as error:
@@ -50,10 +55,30 @@ def trace(
             "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
             "or let fuse descend into the traceable submodules"
         ) from error
+    written = [name for name, t in _tensors(model) if t._version != versions[name]]
+    if written:
+        _restore(model, buffers)
+        raise NotTraceableError(
+            f"{type(model).__name__}.forward writes in place to {', '.join(written)}: torch.fx runs such a write "
+            "once while tracing and leaves it out of the graph, so the traced graph would not compute what forward "
+            "does"
+        )
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None
     return GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _restore(model: nn.Module, buffers: dict[str, Tensor]) -> None:
+    """Put back the buffer values a trace wrote to."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
 
 
 def fuse_tree(
@@ -67,8 +92,8 @@ def fuse_tree(
 ) -> tuple[nn.Module, FuseReport]:
     """`module` fused by `run` where it traces: whole, or else child by child (in place).
 
-    With `example_inputs`, shapes are propagated first, so rules that need an input's rank
-    (a Linear on `(batch, features)`) can see it.
+    With `example_inputs`, shapes are propagated first (on copies: a forward may write to its
+    input), so rules that need an input's rank (a Linear on `(batch, features)`) can see it.
     """
     try:
         gm = trace(module, rules, leaf_modules, concrete_args)
@@ -85,7 +110,7 @@ def fuse_tree(
         return module, report
     if example_inputs is not None:
         try:
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*(i.clone() if isinstance(i, Tensor) else i for i in example_inputs))
         except Exception as error:
             cause = error.__cause__ or error
             raise ReparamError(

@@ -27,18 +27,20 @@ def compare(
 ) -> None:
     """Raise `VerificationError` if `fused` differs from `original` on `inputs` beyond the dtype's tolerance.
 
-    When both are whole graphs, the error names the first rewrite whose output differs.
+    When both are whole graphs, the error names the first rewrite whose output differs. Each
+    model runs on its own copy of `inputs`, so a model that writes to its input in place does
+    not hand the other a changed one.
     """
     try:
         with torch.no_grad():
-            expected = original(*inputs)
+            expected = original(*_cloned(inputs))
     except Exception as error:
         raise ReparamError(
             f"the example inputs do not run through the original model ({type(error).__name__}: {error}); "
             "pass example_inputs=(...) or input_shape=(...) that its forward accepts"
         ) from error
     with torch.no_grad():
-        actual = fused(*inputs)
+        actual = fused(*_cloned(inputs))
     for want, got in zip(_tensors(expected), _tensors(actual), strict=True):
         error, tolerance = _relative_error(got, want), TOLERANCE.get(want.dtype, 1e-4)
         if error > tolerance:
@@ -49,13 +51,17 @@ def compare(
             )
 
 
+def _cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(i.clone() if isinstance(i, Tensor) else i for i in inputs)
+
+
 def _first_differing_rewrite(traced: GraphModule | None, fused: nn.Module, inputs: tuple[Any, ...]) -> str:
     if traced is None or not isinstance(fused, GraphModule):
         return ""
     before, after = _Recorder(traced), _Recorder(fused)
     with torch.no_grad():
-        before.run(*inputs)
-        after.run(*inputs)
+        before.run(*_cloned(inputs))
+        after.run(*_cloned(inputs))
     for node in fused.graph.nodes:
         meta = node.meta.get("reparam")
         if not meta or meta.get("replaces") not in before.values:

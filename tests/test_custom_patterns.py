@@ -232,3 +232,9 @@ def test_the_built_in_transforms_are_written_with_the_public_api():
         ("call_function", torch.add),
         ("call_method", "add"),
     }
+
+
+def test_builtin_rule_names_are_unique():
+    """A rule set keeps one rule per name: a built-in sharing another's name would silently replace it."""
+    names = [rule.name for rule in reparam.BUILTIN_RULES]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -8,14 +8,14 @@ same transforms spelled as torch.export's aten operators (for `reparam.fuse_expo
 
 from .aten import ATEN_RULES
 from .avg_pool import AVG_POOL
-from .branch_sum import SUM
+from .branch_sum import DIFFERENCE, SUM
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
-from .scale import DIVIDE, SCALE, SHIFT
+from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
 from .sequential import BN_AND_PAD
 
 BUILTIN_RULES = (
@@ -29,9 +29,13 @@ BUILTIN_RULES = (
     BN_AND_PAD,
     AVG_POOL,
     SUM,
+    DIFFERENCE,
     SCALE,
     DIVIDE,
+    NEGATION,
     SHIFT,
+    SHIFT_DOWN,
+    SUBTRACTED_FROM,
     CONCAT,
     *ATEN_RULES,  # the same transforms in torch.export's aten spelling
 )
@@ -44,13 +48,17 @@ __all__ = [
     "BUILTIN_RULES",
     "CONCAT",
     "CONV",
+    "DIFFERENCE",
     "DIVIDE",
     "FUNCTIONAL_BATCH_NORM",
     "FLATTENED_CONV",
     "FUNCTIONAL_CONV",
     "LINEAR",
+    "NEGATION",
     "SCALE",
     "SHIFT",
+    "SHIFT_DOWN",
+    "SUBTRACTED_FROM",
     "SUM",
     "TRANSPOSED_CONV",
 ]

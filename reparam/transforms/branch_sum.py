@@ -9,7 +9,12 @@ linear region of x: conv, conv+BN, BN alone, a chain, another sum (so chained su
 length fold), or x itself (`x + f(x)`: the identity kernel, written with any number of groups).
 Recognised in every spelling: `a + b`, `operator.add`, `torch.add` (without `alpha`), `Tensor.add`,
 `a += b` (which torch.fx records as an add), and `sum([...])` (with the shift rule for its
-leading `0 + ...`, see scale.py).
+leading `0 + ...`, see scale.py). A difference is a sum with the second branch negated,
+
+    K1(x) - K2(x) = (K1 + (-K2))(x),
+
+in every spelling too (`a - b`, `torch.sub`, `Tensor.sub`): FastViT's RepMixer
+`x + s * (mixer(x) - norm(x))` is one depthwise conv.
 
 Exact condition: the branches share a stride, their outputs align pixel for pixel and their
 padding modes agree (VI), otherwise `strides differ`, `outputs not aligned`, `padding mode`.
@@ -20,7 +25,7 @@ al., "Diverse Branch Block", CVPR 2021 (transform II).
 """
 
 from ..kernel import Kernel
-from ..patterns import Add, Linear, Match, Var
+from ..patterns import Add, Linear, Match, Sub, Var
 from ..rules import PatternRule
 
 x = Var("x")
@@ -31,3 +36,10 @@ def branch_sum(m: Match) -> Kernel:
 
 
 SUM = PatternRule("branch_sum", Add(Linear(x, "a"), Linear(x, "b")), branch_sum)
+
+
+def branch_difference(m: Match) -> Kernel:
+    return m.kernel("a") - m.kernel("b")
+
+
+DIFFERENCE = PatternRule("branch_difference", Sub(Linear(x, "a"), Linear(x, "b")), branch_difference)

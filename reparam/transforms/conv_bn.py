@@ -12,6 +12,9 @@ It is registered as a linear layer (a depthwise 1x..x1 kernel) and folded by seq
 composition, `Kernel.then`, into whatever linear region feeds it: a conv, a sum of branches,
 or nothing (a BN-only branch of a sum, as in RepVGG's identity branch).
 
+`nn.SyncBatchNorm` (RepLKNet and mmpretrain build with it) is the same map in eval mode: it
+synchronizes statistics across processes only while training.
+
 Exact condition: the BN is in eval mode and has running statistics; otherwise it normalizes
 each batch by that batch's statistics and is no fixed map (`BN in training mode`,
 `no running stats`). A conv without bias and a BN without affine parameters are covered.
@@ -25,7 +28,8 @@ from torch import nn
 from ..kernel import Kernel
 from ..rules import LinearLayer
 
-# BatchNorm1d normalizes (batch, C) and (batch, C, L) alike: its number of spatial dims is not known
-_SPATIAL_DIMS = {nn.BatchNorm1d: None, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# BatchNorm1d normalizes (batch, C) and (batch, C, L) alike, SyncBatchNorm any rank from 2 up:
+# their number of spatial dims is not known
+_SPATIAL_DIMS = {nn.BatchNorm1d: None, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: None}
 
 BATCHNORM = LinearLayer("conv_bn", tuple(_SPATIAL_DIMS), lambda bn: Kernel.from_batchnorm(bn, _SPATIAL_DIMS[type(bn)]))

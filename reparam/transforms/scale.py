@@ -6,8 +6,9 @@ affine map `y[c] = s[c] * z[c] + t[c]`, so after a linear region f it composes l
     (f(x) * s)  = (s f)(x),     W' = s[o] W[o, ...],  b' = s b
     (f(x) + t)  = (f + t)(x),   b' = b + t
 
-This covers `x * const`, `x * param` (a layer-scale gamma), `x / const`, `x + const` and
-`sum([...])` (which starts from `0 + ...`). The constant may be a Python number or a tensor
+This covers `x * const`, `x * param` (a layer-scale gamma), `x / const`, `x + const`,
+`x - const`, `const - x` (the scale -1, then the shift), `-x`, and `sum([...])` (which starts
+from `0 + ...`). The constant may be a Python number or a tensor
 stored on the model that broadcasts per channel: a scalar, or shape `(C, 1, ..., 1)` /
 `(1, C, 1, ..., 1)` (for a linear layer's `(batch, features)` output, `(C,)` or `(1, C)`).
 
@@ -26,7 +27,7 @@ import torch
 
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import Add, Call, Const, Linear, Match, Mul, Var
+from ..patterns import Add, Call, Const, Linear, Match, Mul, Neg, Sub, Var
 from ..rules import PatternRule
 
 x = Var("x")
@@ -66,6 +67,24 @@ def shift(m: Match) -> Kernel:
     return kernel.then(_affine(torch.ones_like(t), t, kernel))
 
 
+def shift_down(m: Match) -> Kernel:
+    """`f(x) - t`."""
+    kernel = m.kernel("a")
+    t = per_channel(m.value("t"), kernel)
+    return kernel.then(_affine(torch.ones_like(t), -t, kernel))
+
+
+def subtracted_from(m: Match) -> Kernel:
+    """`t - f(x)`."""
+    kernel = -m.kernel("a")
+    t = per_channel(m.value("t"), kernel)
+    return kernel.then(_affine(torch.ones_like(t), t, kernel))
+
+
+def negation(m: Match) -> Kernel:
+    return -m.kernel("a")
+
+
 def _affine(scale: torch.Tensor, shift: torch.Tensor, like: Kernel) -> Kernel:
     """The per-channel map, shaped like `like` (and as sure of its rank)."""
     return replace(Kernel.affine(scale, shift, like.spatial_dims), dtype=like.dtype, dims_known=like.dims_known)
@@ -76,3 +95,6 @@ _REGION = Linear(x, "a", identity=False)
 SCALE = PatternRule("scale", Mul(_REGION, Const("s")), scale)
 DIVIDE = PatternRule("divide", Call((operator.truediv, torch.div, "div"), _REGION, Const("s"), name="op"), divide)
 SHIFT = PatternRule("shift", Add(_REGION, Const("t")), shift)
+SHIFT_DOWN = PatternRule("shift_down", Sub(_REGION, Const("t")), shift_down)
+SUBTRACTED_FROM = PatternRule("subtracted_from", Sub(Const("t"), _REGION), subtracted_from)
+NEGATION = PatternRule("negation", Neg(_REGION), negation)

@@ -343,6 +343,15 @@ def test_sum_of_aligned_branches_computes_the_sum_of_their_outputs(branches, dat
         assert_computes(total, x, expected)
 
 
+@given(parallel_branches(min_branches=2, max_branches=2), st.data())
+def test_difference_and_negation_compute_the_difference_and_negation_of_outputs(branches, data):
+    (a, b), (module_a, module_b) = _branch_kernels(data, branches)
+    x = data.draw(inputs(branches.in_channels, branches.min_input_size()), label="x")
+    with torch.no_grad():
+        assert_computes(a - b, x, module_a(x) - module_b(x))
+        assert_computes(-a, x, -module_a(x))
+
+
 @given(parallel_branches(), st.data())
 def test_aligned_kernels_share_one_geometry_and_keep_their_maps(branches, data):
     kernels, references = _branch_kernels(data, branches)

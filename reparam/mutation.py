@@ -1,0 +1,121 @@
+"""In-place ops are ordering barriers: no region reads a tensor across a mutation of it.
+
+A fused region is emitted where its output was, so it reads its input then. That is only the
+value the original layers read if nothing wrote to that tensor (or to a view of it) between
+the region's first layer and its output: `a = conv1(x); x.relu_(); b = conv2(x); a + b` reads
+`x` before and after the ReLU, and no single kernel of `x` computes it. Likewise a tensor stored
+on the model and updated in forward (`self.buf.add_(1)`) is no constant a kernel can fold.
+
+`Mutations` finds the in-place ops of a graph, in every spelling torch.fx records:
+
+* methods and functions ending in `_` (`x.add_(c)`, `x.relu_()`, `torch.relu_(x)`, `x.copy_(y)`);
+* calls with `inplace=True` (`F.relu(x, inplace=True)`, positional or keyword);
+* modules with `inplace=True` (`nn.ReLU(inplace=True)`, `nn.Hardswish(inplace=True)`);
+* `operator.setitem` (`x[..., :p] = v`);
+
+and treats a write to a view (`view`, `reshape`, slicing, `transpose`, `chunk`...) as a write to
+every tensor it aliases. `crossed(region, end)` names the first mutation the region would read
+across; the engine then refuses the region (`in-place mutation`) and its parts fuse on their own.
+A mutation of a region's output after the region, the usual `conv -> BN -> ReLU(inplace=True)`,
+crosses nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+_VIEWS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "permute", "t", "narrow", "select", "expand", "expand_as", "chunk", "split", "unbind", "contiguous",
+    "detach", "to", "type_as", "as_strided", "movedim", "swapaxes", "unfold", "diagonal",
+    operator.getitem, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose,
+    torch.permute, torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, torch.movedim,
+    torch.detach, torch.t,
+}  # fmt: skip
+
+
+def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
+    """The tensor `node` writes to in place, or None if it writes nothing."""
+    if not node.args or not isinstance(node.args[0], Node):
+        return None
+    target = node.target
+    if node.op == "call_module":
+        return node.args[0] if getattr(modules.get(str(target)), "inplace", False) is True else None
+    if node.op == "call_method":
+        name = str(target)
+        return node.args[0] if name.endswith("_") and not name.startswith("__") else None
+    if node.op != "call_function":
+        return None
+    if target is operator.setitem:
+        return node.args[0]
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("__"):
+        return node.args[0]
+    return node.args[0] if _inplace_argument(target, node.args, node.kwargs) else None
+
+
+def _inplace_argument(target: Any, args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(target).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature, or a call that does not bind
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+class Mutations:
+    """The in-place ops of a graph, by position, and the tensors each one writes to."""
+
+    def __init__(self, gm: GraphModule, modules: dict[str, nn.Module]) -> None:
+        self._position = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self._alias: dict[Node, Node] = {}
+        for node in gm.graph.nodes:
+            base = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+            if base is not None and (node.target in _VIEWS or mutated_input(node, modules) is base):
+                self._alias[node] = self._base(base)  # a view, or an in-place op's result (its input)
+        self._writes: list[tuple[int, Node, Node]] = []  # (position, op, written base)
+        self.mutated_attributes: set[str] = set()
+        for node in gm.graph.nodes:
+            written = mutated_input(node, modules)
+            if written is None:
+                continue
+            base = self._base(written)
+            self._writes.append((self._position[node], node, base))
+            if base.op == "get_attr":
+                self.mutated_attributes.add(str(base.target))
+        self._write_positions = [p for p, _, _ in self._writes]
+
+    def _base(self, node: Node) -> Node:
+        while node in self._alias:
+            node = self._alias[node]
+        return node
+
+    def crossed(self, nodes: Iterable[Node], end: Node) -> Node | None:
+        """The first in-place op that writes, before `end`, to a tensor `nodes` read after it is written.
+
+        `nodes` are a region's nodes; they read their inputs at their positions, the fused
+        region reads them all at `end`. A constant the region reads that forward updates
+        anywhere is crossed too.
+        """
+        nodes = list(nodes)
+        before_end = bisect.bisect_left(self._write_positions, self._position[end])
+        if not before_end and not self.mutated_attributes:
+            return None
+        reads = {self._base(i) for n in nodes for i in n.all_input_nodes} | {self._base(n) for n in nodes}
+        for _, op, base in self._writes:  # torch.fx reads an attribute anew at each access: compare targets
+            if base.op == "get_attr" and any(r.op == "get_attr" and r.target == base.target for r in reads):
+                return op
+        start = min(self._position[n] for n in nodes)
+        for position, op, base in self._writes[:before_end]:
+            if position > start and base in reads:
+                return op
+        return None

@@ -1,0 +1,185 @@
+"""Blocks written the way their authors write them (never our `reparam.blocks` style).
+
+Each class here follows a published code base's idiom, rewritten for the test: timm's norm-act
+layers (a BatchNorm subclass whose forward asserts the input's rank and calls F.batch_norm),
+MobileOne's branch loop (`out = 0`, `out += branch(x)` over an nn.ModuleList), FastViT's
+RepMixer (`x + layer_scale * (mixer(x) - norm(x))`) and RepLKNet's SyncBatchNorm.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reparam
+from reparam import Reason
+from reparam.blocks import randomize_batchnorm
+from tests.helpers import assert_same_function, batchnorms, convs
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's style: BN then an activation in one layer; forward asserts the rank first."""
+
+    def __init__(self, channels: int, act: bool = True, check: str = "ndim") -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU() if act else nn.Identity()
+        self.check = check
+
+    def forward(self, x):
+        if self.check == "ndim":
+            torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        elif self.check == "dim()":
+            torch._assert(x.dim() == 4, "expected a 4D input")
+        elif self.check == "shape":
+            torch._assert(x.shape[1] == self.num_features, "wrong channel count")
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class ConvNormAct(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int, act: bool = True, check: str = "ndim") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = BatchNormAct2d(cout, act, check)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("check", ["ndim", "dim()"])
+def test_timm_norm_act_folds_into_the_conv_and_keeps_its_assert(check):
+    model = randomize_batchnorm(nn.Sequential(ConvNormAct(3, 8, 3, check=check), ConvNormAct(8, 8, 3, check=check)))
+    model = model.double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (2, 0, 2)
+    assert not report.refused(Reason.SHARED_INTERMEDIATE)
+    assert sum(n.target is torch._assert for n in fused.graph.nodes) == 2  # the checks are still there
+    assert_same_function(model, fused, torch.randn(2, 3, 7, 9, dtype=torch.float64))
+    unbatched = torch.randn(3, 7, 9, dtype=torch.float64)  # a conv accepts it, the assert does not
+    for net in (model, fused):
+        with pytest.raises(AssertionError):
+            net(unbatched)
+
+
+def test_a_shape_read_of_a_conv_output_keeps_the_bn_apart_and_says_why():
+    model = randomize_batchnorm(ConvNormAct(3, 8, 3, check="shape")).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) + sum(n.target is F.batch_norm for n in fused.graph.nodes) == 1
+    [refusal] = report.refused(Reason.SHARED_INTERMEDIATE)
+    assert "getattr" in refusal.message
+    assert_same_function(model, fused, torch.randn(1, 3, 6, 5, dtype=torch.float64))
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, channels: int, k: int) -> None:
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(channels))
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne's style: an optional BN skip, an optional 1x1 scale branch, a loop over KxK branches."""
+
+    def __init__(self, channels: int, k: int, branches: int = 1) -> None:
+        super().__init__()
+        self.rbr_skip = nn.BatchNorm2d(channels)
+        self.rbr_scale = ConvBN(channels, 1) if k > 1 else None
+        self.rbr_conv = nn.ModuleList([ConvBN(channels, k) for _ in range(branches)])
+        self.num_conv_branches = branches
+
+    def forward(self, x):
+        identity_out = 0
+        if self.rbr_skip is not None:
+            identity_out = self.rbr_skip(x)
+        scale_out = 0
+        if self.rbr_scale is not None:
+            scale_out = self.rbr_scale(x)
+        out = scale_out + identity_out
+        for ix in range(self.num_conv_branches):
+            out += self.rbr_conv[ix](x)
+        return out
+
+
+class RepMixer(nn.Module):
+    """FastViT's style: `x + layer_scale * (mixer(x) - norm(x))`."""
+
+    def __init__(self, channels: int, k: int = 3) -> None:
+        super().__init__()
+        self.norm = MobileOneBlock(channels, 1)
+        self.mixer = MobileOneBlock(channels, k, branches=2)
+        self.layer_scale = nn.Parameter(1e-1 * torch.randn(channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+
+def test_fastvit_repmixer_is_one_depthwise_conv():
+    model = randomize_batchnorm(RepMixer(8)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    [conv] = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert (conv.groups, conv.kernel_size, batchnorms(fused)) == (8, (3, 3), 0)
+    assert "branch_difference" in report.fusions[0].rules
+    assert_same_function(model, fused, torch.randn(2, 8, 7, 5, dtype=torch.float64))
+
+
+class Differences(nn.Module):
+    """`a - b`, `-a` and `t - a` in each spelling."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.a, self.b = ConvBN(4, 3), ConvBN(4, 1)
+        self.t = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.spelling = spelling
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.spelling == "-":
+            return self.t - (-(a - b) - 2.0)
+        if self.spelling == "torch":
+            return torch.sub(self.t, torch.neg(torch.sub(a, b)))
+        return a.sub(b).neg().sub(self.t)
+
+
+@pytest.mark.parametrize("spelling", ["-", "torch", "method"])
+def test_differences_and_negations_fold_in_every_spelling(spelling):
+    model = randomize_batchnorm(Differences(spelling)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (1, 0, 1)
+    assert_same_function(model, fused, torch.randn(2, 4, 6, 5, dtype=torch.float64))
+
+
+def test_sub_with_alpha_is_left_as_written():
+    class Alpha(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = ConvBN(4, 3), ConvBN(4, 1)
+
+        def forward(self, x):
+            return torch.sub(self.a(x), self.b(x), alpha=2)
+
+    model = randomize_batchnorm(Alpha()).double().eval()
+    fused = reparam.fuse(model)
+    assert convs(fused) == 2
+    assert_same_function(model, fused, torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+def test_sync_batchnorm_folds_like_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    model = randomize_batchnorm(nn.Sequential(*model, nn.SyncBatchNorm(8))).double().eval()
+    fused = reparam.fuse(model)
+    assert (convs(fused), batchnorms(fused)) == (2, 0)
+    assert_same_function(model, fused, torch.randn(2, 3, 6, 7, dtype=torch.float64))

@@ -1,0 +1,155 @@
+"""In-place ops are ordering barriers: a region never reads a tensor across a write to it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reparam
+from reparam import Reason
+from reparam.blocks import conv_bn, randomize_batchnorm
+from tests.helpers import assert_same_function, batchnorms, convs
+
+SPELLINGS = {
+    "Tensor.relu_": lambda block, x: x.relu_(),
+    "F.relu(inplace=True)": lambda block, x: F.relu(x, inplace=True),
+    "F.relu(x, True)": lambda block, x: F.relu(x, True),
+    "nn.ReLU(inplace=True)": lambda block, x: block.relu(x),
+    "torch.relu_": lambda block, x: torch.relu_(x),
+    "Tensor.add_": lambda block, x: x.add_(1.0),
+    "Tensor.mul_": lambda block, x: x.mul_(2.0),
+    "write to a view": lambda block, x: x.view(-1).mul_(2.0),
+    "write to a slice": lambda block, x: x[:, :2].zero_(),
+}
+
+
+class WriteBetweenBranches(nn.Module):
+    """Two branches of `y` summed, with `y` written to in place between them."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.write = SPELLINGS[spelling]
+
+    def forward(self, x):
+        y = x * 1.0  # a tensor of the model's own: writing to it does not touch the caller's input
+        a = self.a(y)
+        self.write(self, y)
+        return a + self.b(y)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_a_write_between_two_branches_keeps_them_apart(spelling):
+    model = randomize_batchnorm(WriteBetweenBranches(spelling)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [r.reason for r in report.refusals] == [Reason.IN_PLACE_MUTATION]
+    assert (convs(fused), batchnorms(fused)) == (2, 0)  # each conv still takes its BN
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
+
+
+class WriteToIntermediate(nn.Module):
+    """`z = bn(y); y.add_(1); z + y`: the sum reads y after the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y)
+        y.add_(1)
+        return z + y
+
+
+def test_a_write_to_an_intermediate_is_not_folded_across():
+    model = randomize_batchnorm(WriteToIntermediate()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert Reason.IN_PLACE_MUTATION in {r.reason for r in report.refusals}
+    assert_same_function(model, fused, torch.randn(1, 3, 6, 5, dtype=torch.float64))
+
+
+class ResNetStem(nn.Module):
+    """torchvision's spelling: conv, BN, then a ReLU(inplace=True) on the BN's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(identity))
+        out += identity
+        return self.relu(out)
+
+
+def test_a_write_after_the_region_does_not_block_it():
+    model = randomize_batchnorm(ResNetStem()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (2, 1) or (convs(fused), batchnorms(fused)) == (2, 0)
+    assert not report.refused(Reason.IN_PLACE_MUTATION)
+    assert_same_function(model, fused, torch.randn(2, 3, 7, 5, dtype=torch.float64))
+
+
+class WriteBeforeTheRegion(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        y = x * 1.0
+        y.relu_()
+        return self.a(y) + self.b(y)
+
+
+def test_a_write_before_every_read_lets_the_branches_fuse():
+    model = randomize_batchnorm(WriteBeforeTheRegion()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and not report.refusals
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
+
+
+class BufferUpdatedInForward(nn.Module):
+    """A weight stored on the model and updated by every forward: no constant to fold, and no graph torch.fx gets right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(4, 3, 3, 3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        self.weight.mul_(0.5)
+        return self.bn(F.conv2d(x, self.weight, padding=1))
+
+
+def test_a_buffer_updated_in_forward_is_not_folded():
+    model = randomize_batchnorm(BufferUpdatedInForward()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    [untraced] = report.untraced  # torch.fx would run the write once, at trace time, and drop it
+    assert untraced.module == "<model>" and "writes in place to weight" in untraced.reason
+    assert not report.fusions
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    for _ in range(2):  # each forward halves the weight, in both
+        assert_same_function(model, fused, x)
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        x.relu_()
+        return self.a(x) + self.b(x)
+
+
+def test_verify_gives_each_model_its_own_copy_of_an_input_it_writes_to():
+    model = randomize_batchnorm(WritesItsInput()).double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    before = x.clone()
+    fused = reparam.fuse(model, verify=True, example_inputs=(x,))
+    assert torch.equal(x, before)  # neither shape propagation nor verification wrote to the caller's tensor
+    assert convs(fused) == 1
+    assert_same_function(model, fused, x.clone())
