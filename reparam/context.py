@@ -91,14 +91,24 @@ class Context:
             return ranks.pop() if len(ranks) == 1 else None
         return None
 
-    def check_not_shared(self, node: Node) -> None:
-        """Refuse (`shared module`) a call whose module or weights are also used elsewhere.
+    def check_foldable(self, node: Node) -> None:
+        """Refuse a call whose module has hooks (`hooked module`) or is also used elsewhere (`shared module`).
 
-        Folding one call of a module called twice, or of weights tied to another module's,
-        would untie them and add parameters, so such layers are left as written.
+        A forward hook or pre-hook runs only while its module is called, and may change what it
+        returns; folding the module would drop it. Folding one call of a module called twice, or
+        of weights tied to another module's, would untie them and add parameters. Such layers
+        are left as written.
         """
         if node.op == "call_module":
             module = self.module(node)
+            hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+            if hooks:
+                names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
+                raise FusionRefused(
+                    Reason.HOOKED_MODULE,
+                    f"{node.target} has forward hooks ({names}) that run only while it is called; remove them "
+                    "before fusing to fold it",
+                )
             tensors = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
             if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
                 raise FusionRefused(

@@ -20,6 +20,7 @@ class Reason(str, Enum):
     WOULD_COST_MORE = "would cost more"
     NOT_CONSTANT = "not constant"
     IN_PLACE_MUTATION = "in-place mutation"
+    HOOKED_MODULE = "hooked module"
 
 
 class ReparamError(Exception):

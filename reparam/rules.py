@@ -82,7 +82,7 @@ class LinearLayer:
         if node.op == "call_module" and (len(node.args) != 1 or node.kwargs):
             return None
         try:
-            ctx.check_not_shared(node)
+            ctx.check_foldable(node)
             if self.features_last and ctx.rank(node.args[0]) != 2:
                 raise FusionRefused(
                     Reason.GEOMETRY,
@@ -164,7 +164,7 @@ class PatternRule:
             if state.parts and all(p.region is None for p in state.parts):
                 continue  # only identities: nothing linear is known about this value
             for inner in state.interior:
-                ctx.check_not_shared(inner)
+                ctx.check_foldable(inner)
             try:
                 kernel = self.function(Match(state, ctx))
             except FusionRefused as refusal:

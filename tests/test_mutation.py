@@ -153,3 +153,16 @@ def test_verify_gives_each_model_its_own_copy_of_an_input_it_writes_to():
     assert torch.equal(x, before)  # neither shape propagation nor verification wrote to the caller's tensor
     assert convs(fused) == 1
     assert_same_function(model, fused, x.clone())
+
+
+@pytest.mark.parametrize("kind", ["forward hook", "pre-hook"])
+def test_a_layer_with_hooks_is_kept_with_its_hooks(kind):
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))).double().eval()
+    if kind == "forward hook":
+        model[1].register_forward_hook(lambda module, args, output: output * 2)
+    else:
+        model[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    fused, report = reparam.fuse_with_report(model)
+    [refusal] = report.refused(Reason.HOOKED_MODULE)
+    assert refusal.nodes == ("1",) and batchnorms(fused) == 1
+    assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64))
