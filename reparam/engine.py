@@ -260,7 +260,10 @@ def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
 
 
 def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
-    """Erase the constants (tensor attributes, reshaped) left without users, and the tensors no node reads."""
+    """Erase the constants (tensor attributes, reshaped) left without users, and the tensors nothing reads.
+
+    A tensor of a module the graph still calls is kept: the module's forward reads it.
+    """
     attributes: set[str] = set()
     erased: set[Node] = set()
     while candidates:
@@ -273,8 +276,12 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
         candidates += node.all_input_nodes
         gm.graph.erase_node(node)
     still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"} if attributes else set()
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"} if attributes else set()
     for target in attributes - still_read:
         owner_path, _, name = target.rpartition(".")
+        path = owner_path.split(".") if owner_path else []
+        if any(".".join(path[:i]) in called for i in range(1, len(path) + 1)):
+            continue  # a tensor of a module that is still called (or of a part of one) stays
         owner = gm.get_submodule(owner_path)
         if hasattr(owner, name):
             delattr(owner, name)

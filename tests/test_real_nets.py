@@ -212,3 +212,22 @@ def test_strict_turns_refusals_into_errors():
     model = randomize_batchnorm(SharedConv()).eval()
     with pytest.raises(reparam.StrictModeError, match="shared module"):
         reparam.fuse(model, strict=True)
+
+
+class ReadsAWeightOfACalledConv(nn.Module):
+    """`F.conv2d(y, self.conv.weight)` beside calls of `self.conv`: folding the functional conv keeps the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(F.conv2d(y, self.conv.weight, padding=1)) + self.bn2(self.conv(y))
+
+
+def test_a_tensor_of_a_still_called_module_is_not_deleted():
+    model = randomize_batchnorm(ReadsAWeightOfACalledConv()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert len(report.fusions) == 1 and report.refused(Reason.SHARED_MODULE)
+    assert_same_function(model, fused, torch.randn(1, 4, 5, 5, dtype=torch.float64))
