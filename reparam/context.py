@@ -92,7 +92,8 @@ class Context:
         return None
 
     def check_foldable(self, node: Node) -> None:
-        """Refuse a call whose module has hooks (`hooked module`) or is also used elsewhere (`shared module`).
+        """Refuse a call whose module has hooks (`hooked module`), a `forward` set on the instance
+        (`patched forward`), or is also used elsewhere (`shared module`).
 
         A forward hook or pre-hook runs only while its module is called, and may change what it
         returns; folding the module would drop it. Folding one call of a module called twice, or
@@ -101,6 +102,11 @@ class Context:
         """
         if node.op == "call_module":
             module = self.module(node)
+            if "forward" in vars(module):
+                raise FusionRefused(
+                    Reason.PATCHED_FORWARD,
+                    f"{node.target}.forward was replaced on the instance, so it may not compute what its class does",
+                )
             hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
             if hooks:
                 names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)

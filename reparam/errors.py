@@ -21,6 +21,7 @@ class Reason(str, Enum):
     NOT_CONSTANT = "not constant"
     IN_PLACE_MUTATION = "in-place mutation"
     HOOKED_MODULE = "hooked module"
+    PATCHED_FORWARD = "patched forward"
 
 
 class ReparamError(Exception):

@@ -25,15 +25,36 @@ from .rules import Rule, plain_functions
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, with the module types rules anchor on (and the user's) kept as leaves."""
+    """torch.fx's tracer, with the module types rules anchor on (and the user's) kept as leaves.
+
+    A module with hooks or with a `forward` set on the instance is a leaf too: tracing into it
+    would record its class's forward and drop the hooks. `kept` lists those that no rule knows
+    (they are reported as not traced).
+    """
 
     def __init__(self, leaf_types: frozenset[type] = frozenset(), functions: tuple[Callable, ...] = ()) -> None:
         # defaults: unpickling a GraphModule re-traces its code with `tracer_cls()`
         super().__init__(autowrap_functions=functions)
         self.leaf_types = leaf_types
+        self.kept: dict[str, tuple[str, str]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in self.leaf_types or super().is_leaf_module(m, module_qualified_name)
+        if type(m) in self.leaf_types:
+            return True
+        reason = runs_more_than_its_class(m)
+        if reason is not None:
+            self.kept[module_qualified_name] = (type(m).__name__, reason)
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def runs_more_than_its_class(module: nn.Module) -> str | None:
+    """Why calling `module` is not just its class's forward (hooks, a forward set on the instance), or None."""
+    if "forward" in vars(module):
+        return "its forward was replaced on the instance; kept as written so that the replacement runs"
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks; kept as written so that they run"
+    return None
 
 
 def trace(
@@ -45,6 +66,8 @@ def trace(
     """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes."""
     leaf_types = frozenset(target for rule in rules for op, target in rule.anchors if op == "call_module")
     tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
+    if (reason := runs_more_than_its_class(model)) is not None:
+        raise NotTraceableError(f"{type(model).__name__} is not traced: {reason}")
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     versions = {name: t._version for name, t in _tensors(model)}
     try:
@@ -66,7 +89,9 @@ def trace(
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None
-    return GraphModule(tracer.root, graph, type(model).__name__)
+    gm = GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["reparam_kept"] = tracer.kept
+    return gm
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -79,6 +104,69 @@ def _restore(model: nn.Module, buffers: dict[str, Tensor]) -> None:
         for name, buffer in model.named_buffers():
             if name in buffers:
                 buffer.copy_(buffers[name])
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _fuse_children(
+    module: nn.Module,
+    run: Callable[[GraphModule], FuseReport],
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]],
+    path: str,
+) -> FuseReport:
+    """Fuse inside each child of a module whose own forward is kept, so that it sees what it saw.
+
+    Its forward may iterate or index a container child (`for m in self.model`), so a container
+    stays a container: a Sequential fused whole becomes a Sequential of its fused layers when
+    it is still a chain, and otherwise, like a ModuleList or ModuleDict, has its elements fused
+    one by one. Another child replaced by its fused GraphModule keeps the plain attributes the
+    parent may read (ultralytics routes on `m.f`).
+    """
+    report = FuseReport()
+    for name, child in list(module.named_children()):
+        if next(child.children(), None) is None and type(child) not in leaf_modules:
+            continue  # a single layer: nothing inside it to fuse
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}."))
+            continue
+        fused, child_report = fuse_tree(child, run, rules, leaf_modules, None, f"{path}{name}.")
+        if isinstance(child, nn.Sequential) and fused is not child:
+            fused = _as_sequential(fused)
+            if fused is None:  # not a chain of layers any more: fuse inside each element instead
+                report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}."))
+                continue
+        elif fused is not child:
+            _copy_plain_attributes(child, fused)
+        setattr(module, name, fused)
+        report.extend(child_report)
+    return report
+
+
+def _as_sequential(gm: nn.Module) -> nn.Sequential | None:
+    """A fused Sequential as an `nn.Sequential` again (iterable, indexable), if its graph is a chain of layers."""
+    if not isinstance(gm, GraphModule):
+        return None
+    nodes = list(gm.graph.nodes)
+    if len(nodes) < 2 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    layers, previous = [], nodes[0]
+    for node in nodes[1:-1]:
+        if node.op != "call_module" or node.args != (previous,) or node.kwargs or len(previous.users) != 1:
+            return None
+        layers.append(gm.get_submodule(str(node.target)))
+        previous = node
+    return nn.Sequential(*layers) if nodes[-1].args == (previous,) else None
+
+
+def _copy_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
+    """The plain attributes of `original` (not its submodules, parameters, buffers or nn.Module's state) on `fused`."""
+    for key, value in vars(original).items():
+        own = key in vars(fused) or key in fused._modules or key in fused._parameters or key in fused._buffers
+        if key.startswith("_") or key in ("training", "forward") or own:
+            continue  # instance attributes shadow class ones (ultralytics sets `m.type`), as on the original
+        setattr(fused, key, value)
 
 
 def fuse_tree(
@@ -101,12 +189,7 @@ def fuse_tree(
         cause = error.__cause__
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if cause else str(error)
         report = FuseReport(untraced=[Untraced(path or "<model>", type(module).__name__, reason)])
-        for name, child in list(module.named_children()):
-            if next(child.children(), None) is None and type(child) not in leaf_modules:
-                continue  # a single layer: nothing inside it to fuse
-            fused, child_report = fuse_tree(child, run, rules, leaf_modules, None, f"{path}{name}.")
-            setattr(module, name, fused)
-            report.extend(child_report)
+        report.extend(_fuse_children(module, run, rules, leaf_modules, path))
         return module, report
     if example_inputs is not None:
         try:
@@ -119,4 +202,6 @@ def fuse_tree(
                 "forward accepts"
             ) from error
     report = run(gm)
+    kept = gm.meta.get("reparam_kept", {})
+    report.untraced += [Untraced(name, type_name, reason) for name, (type_name, reason) in kept.items()]
     return gm, report.prefixed(path)
