@@ -86,7 +86,11 @@ class UsesFunction(nn.Module):
         self.computed = computed
 
     def forward(self, x):
-        gamma = self.gamma * 2 if self.computed else self.gamma
+        gamma = self.gamma
+        if self.computed == "input":  # a value of the input: no constant
+            gamma = gamma * x.mean()
+        elif self.computed:
+            gamma = gamma * 2
         return torch.relu(channel_scale(self.conv(x), gamma))
 
 
@@ -98,10 +102,15 @@ def test_a_registered_function_is_a_layer_and_computed_arguments_are_refused():
     assert convs(fused) == 1 and "channel_scale" not in fused.code
     assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64))
 
-    model = UsesFunction(computed=True).double().eval()
+    model = UsesFunction(computed=True).double().eval()  # gamma * 2 depends on parameters only: folded
+    fused = reparam.fuse(model, rules=rules)
+    assert convs(fused) == 1 and "channel_scale" not in fused.code
+    assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64))
+
+    model = UsesFunction(computed="input").double().eval()
     fused, report = reparam.fuse_with_report(model, rules=rules)
     [refusal] = report.refused(Reason.NOT_CONSTANT)
-    assert refusal.rule == "channel_scale" and "mul" in refusal.message
+    assert refusal.rule == "channel_scale" and "computed in forward" in refusal.message
     assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64), rtol=0)
 
 

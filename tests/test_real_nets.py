@@ -1,5 +1,6 @@
 """Arbitrary nets: partial tracing, functional forms, sharing, dtypes, devices, guarantees, verification."""
 
+import copy
 import io
 
 import pytest
@@ -90,12 +91,69 @@ def test_functional_forms_fuse():
     assert_same_function(model, fused, torch.randn(2, 4, 6, 7, dtype=torch.float64))
 
 
-def test_a_weight_computed_in_forward_is_refused_not_folded():
+def test_a_weight_computed_in_forward_from_parameters_is_folded_as_a_constant():
     model = Functional(computed_weight=True).double().eval()
     fused, report = reparam.fuse_with_report(model)
-    [refusal] = report.refused(Reason.NOT_CONSTANT)
-    assert refusal.rule == "functional_conv" and "computed in forward" in refusal.message
+    assert convs(fused) == 1 and "norm" not in fused.code and not report.refusals
     assert_same_function(model, fused, torch.randn(2, 4, 6, 7, dtype=torch.float64))
+
+
+class ComputedKernels(nn.Module):
+    """Kernels authors compute in forward: weight standardization, `weight + identity`, LoRA's `B @ A * s`."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6, 3, 3))
+        self.register_buffer("identity", torch.zeros(6, 6, 3, 3))
+        self.identity[torch.arange(6), torch.arange(6), 1, 1] = 1.0
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(2, 6 * 9)), nn.Parameter(torch.randn(6, 2))
+        self.bn = nn.BatchNorm2d(6)
+        self.spelling = spelling
+
+    def kernel(self):
+        if self.spelling == "standardized":
+            mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
+            var = self.weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+            return (self.weight - mean) / torch.sqrt(var + 1e-5)
+        if self.spelling == "identity":
+            return self.weight + self.identity
+        return self.weight + (self.lora_b @ self.lora_a).view(6, 6, 3, 3) * 0.5
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.kernel(), padding=1)) + x
+
+
+@pytest.mark.parametrize("spelling", ["standardized", "identity", "lora"])
+def test_kernels_computed_in_forward_fold_with_the_layers_around_them(spelling):
+    model = randomize_batchnorm(ComputedKernels(spelling)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (1, 0, 1)
+    assert_same_function(model, fused, torch.randn(2, 6, 5, 7, dtype=torch.float64))
+
+
+def test_a_computed_kernel_of_a_float32_model_is_folded_in_float64():
+    model = randomize_batchnorm(ComputedKernels("standardized")).eval()
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    fused = reparam.fuse(model)
+    with torch.no_grad():
+        want = reference(x)
+        error_fused = (fused(x.float()).double() - want).abs().max()
+        error_original = (model(x.float()).double() - want).abs().max()
+    assert error_fused <= 2 * error_original + 1e-6
+
+
+def test_a_random_op_on_parameters_is_not_folded():
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight + torch.randn_like(self.weight))
+
+    fused, report = reparam.fuse_with_report(Noisy().eval())
+    assert "randn_like" in fused.code and report.refused(Reason.NOT_CONSTANT)
 
 
 class SharedConv(nn.Module):

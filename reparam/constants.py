@@ -1,0 +1,105 @@
+"""Constant folding: what forward computes from the model's own tensors is a constant of the model.
+
+Authors compute kernels in forward: DBB's pad value `beta - mean * gamma / sqrt(var + eps)`,
+weight standardization, OREPA-style kernels generated from parameters, `weight + identity`,
+LoRA's `B @ A * scale`. In an eval-mode model such a subgraph depends only on parameters and
+buffers, so it has one value: `fold_constants` evaluates it once, in float64, casts the result
+to the dtype forward would have produced, and stores it on the GraphModule as a buffer read by
+one `get_attr` node. Rules then see a constant like any other.
+
+A subgraph is folded when:
+
+* every op in it is a function or method call (not a module call) whose inputs are all
+  constants, with at least one tensor of the model among them;
+* no op is random (`rand*`, `dropout`, `bernoulli`, ...) or writes in place, and no tensor it
+  reads is written in place anywhere in forward;
+* its value feeds a node some rule anchors on (a conv weight, a BN statistic, a shift): other
+  constants are left as written, since folding them gains nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
+
+from .context import Context, attribute, reshapes
+from .mutation import Mutations, mutated_input
+
+_RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential", "cauchy")
+_PREFIX = "_reparam_constant_"
+
+
+def fold_constants(gm: GraphModule, ctx: Context) -> int:
+    """Replace each foldable computed constant of `gm` by a stored tensor; return how many were stored."""
+    modules = dict(gm.named_modules())
+    mutations = Mutations(gm, modules)
+    constant: set[Node] = set()
+    computed: set[Node] = set()  # constants that are more than a tensor of the model, reshaped
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if str(node.target) not in mutations.mutated_attributes:
+                constant.add(node)
+            continue
+        inputs = node.all_input_nodes
+        if node.op not in ("call_function", "call_method") or not inputs or not all(i in constant for i in inputs):
+            continue
+        if _is_random(node) or mutated_input(node, modules) is not None:
+            continue
+        constant.add(node)
+        if not reshapes(node) or any(i in computed for i in inputs):
+            computed.add(node)
+    frontier = [n for n in computed if any(u not in constant and ctx.has_rules(u) for u in n.users)]
+    if not frontier:
+        return 0
+    values = _evaluate(gm, constant, frontier)
+    for node in frontier:
+        name = next(f"{_PREFIX}{i}" for i in range(len(gm.graph.nodes) + 1) if not hasattr(gm, f"{_PREFIX}{i}"))
+        gm.register_buffer(name, values[node])
+        with gm.graph.inserting_before(node):
+            stored = gm.graph.get_attr(name)
+        stored.meta["reparam"] = {"rules": ["constant_folding"], "sources": [node.name]}
+        node.replace_all_uses_with(stored)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in constant and not node.users:
+            gm.graph.erase_node(node)
+    return len(frontier)
+
+
+def _is_random(node: Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return any(word in name.lower() for word in _RANDOM)
+
+
+def _evaluate(gm: GraphModule, constant: set[Node], wanted: list[Node]) -> dict[Node, torch.Tensor]:
+    """The values of `wanted`: computed in float64, cast to the dtype the model's own dtypes give."""
+    native: dict[Node, Any] = {}
+    wide: dict[Node, Any] = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node not in constant:
+                continue
+            if node.op == "get_attr":
+                value = attribute(gm, node)
+                native[node], wide[node] = value, _widened(value)
+                continue
+            for env in (native, wide):
+                args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, Node) else a)
+                kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, Node) else a)
+                if node.op == "call_method":
+                    env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                else:
+                    env[node] = node.target(*args, **kwargs)
+    return {n: _cast_like(wide[n], native[n]) for n in wanted}
+
+
+def _widened(value: Any) -> Any:
+    return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _cast_like(value: Any, like: Any) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor):
+        return value.to(like.dtype).detach().clone()
+    return like
