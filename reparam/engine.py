@@ -232,7 +232,7 @@ class _Emitter:
         node = graph.call_module(name, (source,))
         sources = tuple(describe(n) for n in p.region.sources)
         node.meta["reparam"] = {"rules": sorted(p.region.rules), "sources": list(sources)}
-        self.new_convs.append((_NewModule(node, _preferred_name(p.region), sources), p.region))
+        self.new_convs.append((_NewModule(node, _preferred_name(self.gm, p.region), sources), p.region))
         return node
 
 
@@ -374,15 +374,16 @@ def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:
     )
 
 
-def _preferred_name(region: Region) -> str:
+def _preferred_name(gm: GraphModule, region: Region) -> str:
     """A new conv's name: that of the conv it grew from, or `<common parent>.conv` for several branches."""
     if isinstance(region, Chain):  # after its first conv-like layer (not a BN folded into it)
-        return _preferred_name(next((p for p in region.parts if not p.kernel.is_channelwise), region.parts[0]))
+        return _preferred_name(gm, next((p for p in region.parts if not p.kernel.is_channelwise), region.parts[0]))
     branches = [r for _, r in region.parts if r is not None] if isinstance(region, Matched) else []
     if len(branches) == 1:  # a pool, scale or shift over one region
-        return _preferred_name(branches[0])
-    if len(branches) < 2:
-        return describe(region.sources[0])
+        return _preferred_name(gm, branches[0])
+    if len(branches) < 2:  # a layer, or a match of layers: the first with weights (a conv, not its pad)
+        weighted = [n for n in region.sources if _has_tensors(gm, n)]
+        return describe((weighted or list(region.sources))[0])
     paths = [describe(n).split(".") for n in region.sources]
     common: list[str] = []
     for parts in zip(*paths):
@@ -390,6 +391,12 @@ def _preferred_name(region: Region) -> str:
             break
         common.append(parts[0])
     return ".".join(common[: min(len(p) for p in paths) - 1] + ["conv"])
+
+
+def _has_tensors(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return next(gm.get_submodule(node.target).parameters(), None) is not None
+    return any(isinstance(a, Node) and a.op == "get_attr" for a in node.args)
 
 
 def _rename(gm: GraphModule, new: _NewModule) -> str:

@@ -356,6 +356,55 @@ class Kernel:
         """The single kernel computing `self(x) - other(x)`: `self + (-other)`, exact when `+` is."""
         return self + (-other)
 
+    def after_pad(self, padding: tuple[int, ...], mode: str) -> Kernel:
+        """The kernel computing `self(pad(x))`, `pad` adding `padding[d]` on both sides of dim d in `mode`.
+
+        Exact when the pads compose into one: zeros around zeros (`padding + self.padding`),
+        or any mode before an unpadded kernel. A reflect pad before a zero-padded conv, or a
+        zero pad before a reflect-padded one, is two different borders (`padding mode`).
+        """
+        mode = _CONV_MODE.get(mode, mode)
+        if not any(padding):
+            return self
+        if self.transposed:
+            raise FusionRefused(Reason.GEOMETRY, "a pad before a transposed convolution is a crop of its output")
+        if any(self.padding) and (mode != "zeros" or self.padding_mode != "zeros"):
+            raise FusionRefused(
+                Reason.PADDING_MODE,
+                f"a {mode} pad before a conv that pads with {self.padding_mode} is not one padding",
+            )
+        total = tuple(p + q for p, q in zip(padding, self.padding))
+        return replace(self, padding=total, padding_mode=mode)
+
+    def then_pad(self, padding: tuple[int, ...], mode: str, value: float = 0.0) -> Kernel:
+        """The kernel computing `pad(self(x))`: exact when self is pointwise and commutes with the pad.
+
+        A pointwise kernel maps each position on its own, so reflecting, replicating or wrapping
+        its output is the same as doing so to its input. A constant pad by `value` equals a zero
+        pad of the input when self maps zero to `value`: its bias is `value` in every channel
+        (DBB's BN-and-pad layer pads with its BN's response to zero). Bias and value are
+        compared to 1e-12 of their magnitude: the two are often computed by different formulas
+        for the same number, folded in float64.
+        """
+        mode = _CONV_MODE.get(mode, mode)
+        if not any(padding):
+            return self
+        if not self.is_pointwise or not self.dims_known:
+            raise FusionRefused(
+                Reason.BORDER_NOT_EXACT,
+                "only a pointwise kernel (1x1, stride 1, unpadded) commutes with a pad of its output",
+            )
+        if mode == "zeros":
+            scale = max(1.0, abs(value), float(self.bias.abs().max()) if self.bias.numel() else 0.0)
+            if (self.bias - value).abs().max() > 1e-12 * scale:
+                raise FusionRefused(
+                    Reason.BORDER_NOT_EXACT,
+                    f"the pad writes {value:g} at the border, but the kernel before it outputs its bias there "
+                    f"(from {float(self.bias.min()):g} to {float(self.bias.max()):g}); pad with the bias "
+                    "(DBB's BN-and-pad) or pad before the kernel",
+                )
+        return replace(self, padding=padding, padding_mode=mode)
+
     def shifted(self, constant: float) -> Kernel:
         """The kernel computing `self(x) + constant`."""
         return replace(self, bias=self.bias + constant)
@@ -449,6 +498,9 @@ class Kernel:
             conv.weight.copy_(self.regrouped(1).weight if self.spatial_dims == 0 else self.weight)  # Linear: dense
             conv.bias.copy_(self.bias)
         return conv
+
+
+_CONV_MODE = {"constant": "zeros"}  # F.pad's name for zero padding, and nn.Conv's
 
 
 def concatenated(kernels: list[Kernel]) -> Kernel:

@@ -102,15 +102,19 @@ def walk(pattern: Pattern) -> Iterator[Pattern]:
 
 
 class Var(Pattern):
-    """Any graph value, bound to `name`."""
+    """Any graph value, bound to `name`.
 
-    def __init__(self, name: str) -> None:
+    `plain=True` matches only a value no linear region computes, leaving regions to the rules
+    that extend them (a pad of a region is folded into it; a pad of a plain tensor into the conv).
+    """
+
+    def __init__(self, name: str, plain: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise InvalidPatternError("Var needs a name, e.g. Var('x')")
-        self.name = name
+        self.name, self.plain = name, plain
 
     def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
-        if not isinstance(value, Node):
+        if not isinstance(value, Node) or (self.plain and value in ctx.regions):
             return
         bound = state.vars.get(self.name)
         if bound is None:

@@ -2,7 +2,8 @@
 
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
 `functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
-multiplies and adds (layer-scale, shifts), `linear` nn.Linear and transposed convs; `aten` the
+multiplies and adds (layer-scale, shifts), `padding` pads folded into the conv after them or
+the pointwise kernel before them, `linear` nn.Linear and transposed convs; `aten` the
 same transforms spelled as torch.export's aten operators (for `reparam.fuse_exported`).
 """
 
@@ -15,10 +16,12 @@ from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
+from .padding import PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
 from .sequential import BN_AND_PAD
 
 BUILTIN_RULES = (
+    PADDED_CONV,  # before CONV, which it falls back to when a conv's input is no pad
     CONV,
     BATCHNORM,
     FUNCTIONAL_CONV,
@@ -27,6 +30,7 @@ BUILTIN_RULES = (
     TRANSPOSED_CONV,
     FLATTENED_CONV,
     BN_AND_PAD,
+    PADDED_REGION,
     AVG_POOL,
     SUM,
     DIFFERENCE,
@@ -54,6 +58,8 @@ __all__ = [
     "FLATTENED_CONV",
     "FUNCTIONAL_CONV",
     "LINEAR",
+    "PADDED_CONV",
+    "PADDED_REGION",
     "NEGATION",
     "SCALE",
     "SHIFT",

@@ -1,0 +1,94 @@
+"""Padding as algebra: a pad is folded into the conv after it or the pointwise kernel before it.
+
+A pad before a conv is that conv's padding,
+
+    conv(pad_p(x); padding q) = conv(x; padding p + q)              (zero pads)
+    conv(pad_p,mode(x); padding 0) = conv(x; padding p, padding_mode=mode)
+
+and a pad after a pointwise kernel K (1x1, stride 1: a conv, a BN, a chain of them) moves
+before it, because K maps each position on its own:
+
+    pad_p,mode(K(x)) = K(pad_p,mode(x))                              (reflect, replicate, circular)
+    pad_p,c(K(x))    = K(zero_pad_p(x))   when K(0) = bias(K) = c    (a constant pad)
+
+The second is DBB's BN-and-pad layer: `F.pad(bn(y) - v, p) + v` with `v = beta - mean * s`, the
+BN's response to zero, is a zero-padded chain, so the unpadded KxK after it folds (III).
+
+Recognised spellings: `F.pad(x, pad, mode, value)`, `nn.ZeroPad1d/2d/3d`,
+`nn.ConstantPad1d/2d/3d`, `nn.ReflectionPad1d/2d/3d`, `nn.ReplicationPad1d/2d/3d`,
+`nn.CircularPad1d/2d/3d`.
+
+Exact condition: the pad is the same on both sides of every dim and not negative (else
+`geometry`: an asymmetric pad shifts the output grid), the pads compose into one padding
+(`padding mode`), and for a pad after a kernel, the kernel is pointwise and maps zero to the pad
+value (`border not exact`).
+
+Paper: X. Ding et al., "Diverse Branch Block", CVPR 2021 (transform III and its BN-and-pad).
+"""
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FusionRefused, Reason
+from ..kernel import Kernel
+from ..patterns import AnyOf, Call, Linear, Match, Module, Var
+from ..rules import PatternRule
+
+_ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+_MODE_PADS = {
+    **dict.fromkeys((nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d), "reflect"),
+    **dict.fromkeys((nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d), "replicate"),
+    **dict.fromkeys((nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d), "circular"),
+}
+PAD_MODULES = (*_ZERO_PADS, *_CONSTANT_PADS, *_MODE_PADS)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def pad_of(m: Match, spatial_dims: int) -> tuple[tuple[int, ...], str, float]:
+    """The captured pad as (padding per spatial dim, first to last; mode; value)."""
+    node = m.node("pad")
+    if node.op == "call_module":
+        module = m.module("pad")
+        pads, value = module.padding, float(getattr(module, "value", 0.0))
+        mode = _MODE_PADS.get(type(module), "constant")
+    else:
+        arguments = dict(zip(("pad", "mode", "value"), node.args[1:]), **node.kwargs)
+        pads, mode = arguments["pad"], arguments.get("mode", "constant")
+        if not isinstance(pads, tuple | list) or not all(isinstance(p, int) for p in pads):
+            raise FusionRefused(Reason.NOT_CONSTANT, f"the pad {pads!r} is not a list of numbers")
+        value = float(arguments.get("value") or 0.0)
+    pads = tuple(pads) if isinstance(pads, tuple | list) else (pads,) * (2 * spatial_dims)
+    if len(pads) % 2 or len(pads) // 2 > spatial_dims:
+        raise FusionRefused(Reason.GEOMETRY, f"a pad of {list(pads)} does not fit {spatial_dims} spatial dims")
+    lows, highs = pads[0::2], pads[1::2]
+    if lows != highs or any(p < 0 for p in pads):
+        raise FusionRefused(
+            Reason.GEOMETRY, f"the pad {list(pads)} is not the same on both sides of each dim, or crops"
+        )
+    per_dim = (0,) * (spatial_dims - len(lows)) + tuple(reversed(lows))
+    return per_dim, mode, value
+
+
+def padded_conv(m: Match) -> Kernel:
+    kernel = m.kernel("conv")
+    padding, mode, value = pad_of(m, kernel.spatial_dims)
+    if mode == "constant" and value != 0:
+        raise FusionRefused(Reason.PADDING_MODE, f"a conv pads with zeros only, not with {value:g}")
+    return kernel.after_pad(padding, mode)
+
+
+def padded_region(m: Match) -> Kernel:
+    kernel = m.kernel("a")
+    padding, mode, value = pad_of(m, kernel.spatial_dims)
+    return kernel.then_pad(padding, mode, value)
+
+
+def _pad(input: Var | Linear) -> AnyOf:
+    return AnyOf(Call(F.pad, input, name="pad"), Module(PAD_MODULES, input, name="pad"))
+
+
+x = Var("x")
+
+PADDED_CONV = PatternRule("padded_conv", Module(_CONVS, _pad(Var("x", plain=True)), name="conv"), padded_conv)
+PADDED_REGION = PatternRule("padded_region", _pad(Linear(x, "a", identity=False)), padded_region)
