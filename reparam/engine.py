@@ -3,8 +3,8 @@
 Each pass:
 
 1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return;
-   what forward computes from the model's tensors alone is evaluated once and stored
-   (`constants.py`); then reads of a tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the
+   border writes after a pad become one op (`borders.py`); what forward computes from the
+   model's tensors alone is evaluated once and stored (`constants.py`); then reads of a tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the
    same metadata (`metadata.py`), so that an assert does not keep a conv output alive.
 2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 
 from .context import Context, attribute, describe, reshapes
 from .errors import FusionRefused, Reason, ReparamError, RuleError
+from .borders import lower_border_writes
 from .constants import fold_constants
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
@@ -84,6 +85,7 @@ class Engine:
             _delete_unused_submodules(gm)
             for new, rule in replaced:
                 report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
+            lower_border_writes(gm)
             fold_constants(gm, Context(gm, self._index))
             hoist_metadata_reads(gm, Context(gm, self._index))
             ctx = self._annotate(gm)

@@ -376,12 +376,13 @@ class Kernel:
         total = tuple(p + q for p, q in zip(padding, self.padding))
         return replace(self, padding=total, padding_mode=mode)
 
-    def then_pad(self, padding: tuple[int, ...], mode: str, value: float = 0.0) -> Kernel:
+    def then_pad(self, padding: tuple[int, ...], mode: str, value: float | Tensor = 0.0) -> Kernel:
         """The kernel computing `pad(self(x))`: exact when self is pointwise and commutes with the pad.
 
         A pointwise kernel maps each position on its own, so reflecting, replicating or wrapping
-        its output is the same as doing so to its input. A constant pad by `value` equals a zero
-        pad of the input when self maps zero to `value`: its bias is `value` in every channel
+        its output is the same as doing so to its input. A constant pad by `value` (a number,
+        or one per output channel) equals a zero pad of the input when self maps zero to
+        `value`: its bias is `value` in every channel
         (DBB's BN-and-pad layer pads with its BN's response to zero). Bias and value are
         compared to 1e-12 of their magnitude: the two are often computed by different formulas
         for the same number, folded in float64.
@@ -395,11 +396,13 @@ class Kernel:
                 "only a pointwise kernel (1x1, stride 1, unpadded) commutes with a pad of its output",
             )
         if mode == "zeros":
-            scale = max(1.0, abs(value), float(self.bias.abs().max()) if self.bias.numel() else 0.0)
+            value = torch.as_tensor(value, dtype=torch.float64, device=self.bias.device)
+            scale = max(1.0, float(value.abs().max()), float(self.bias.abs().max()) if self.bias.numel() else 0.0)
             if (self.bias - value).abs().max() > 1e-12 * scale:
                 raise FusionRefused(
                     Reason.BORDER_NOT_EXACT,
-                    f"the pad writes {value:g} at the border, but the kernel before it outputs its bias there "
+                    f"the pad writes {float(value.min()):g} to {float(value.max()):g} at the border, but the "
+                    "kernel before it outputs its bias there "
                     f"(from {float(self.bias.min()):g} to {float(self.bias.max()):g}); pad with the bias "
                     "(DBB's BN-and-pad) or pad before the kernel",
                 )

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import operator
+
 import torch
 import torch.fx
 from torch import Tensor, nn
@@ -38,6 +40,9 @@ class _LeafTracer(torch.fx.Tracer):
         self.leaf_types = leaf_types
         self.kept: dict[str, tuple[str, str]] = {}
 
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _AssignableProxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.leaf_types:
             return True
@@ -46,6 +51,13 @@ class _LeafTracer(torch.fx.Tracer):
             self.kept[module_qualified_name] = (type(m).__name__, reason)
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class _AssignableProxy(torch.fx.Proxy):
+    """A Proxy that records item assignment (`y[:, :, :p] = v`) as an `operator.setitem` node."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 def runs_more_than_its_class(module: nn.Module) -> str | None:

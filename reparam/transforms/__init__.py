@@ -8,7 +8,7 @@ same transforms spelled as torch.export's aten operators (for `reparam.fuse_expo
 """
 
 from .aten import ATEN_RULES
-from .avg_pool import AVG_POOL
+from .avg_pool import AVG_POOL, POOLED_LAYER
 from .branch_sum import DIFFERENCE, SUM
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
@@ -16,12 +16,13 @@ from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
-from .padding import PADDED_CONV, PADDED_REGION
+from .padding import BORDERED_REGION, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
 from .sequential import BN_AND_PAD
 
 BUILTIN_RULES = (
-    PADDED_CONV,  # before CONV, which it falls back to when a conv's input is no pad
+    PADDED_CONV,  # these two before CONV and BATCHNORM, which they fall back to
+    POOLED_LAYER,
     CONV,
     BATCHNORM,
     FUNCTIONAL_CONV,
@@ -31,6 +32,7 @@ BUILTIN_RULES = (
     FLATTENED_CONV,
     BN_AND_PAD,
     PADDED_REGION,
+    BORDERED_REGION,
     AVG_POOL,
     SUM,
     DIFFERENCE,
@@ -47,8 +49,10 @@ BUILTIN_RULES = (
 __all__ = [
     "ATEN_RULES",
     "AVG_POOL",
+    "POOLED_LAYER",
     "BATCHNORM",
     "BN_AND_PAD",
+    "BORDERED_REGION",
     "BUILTIN_RULES",
     "CONCAT",
     "CONV",

@@ -253,7 +253,7 @@ def avg_pool(m: Match) -> Kernel:
     node = m.node("pool")
     options = {**_POOL_DEFAULTS, **dict(zip(_POOL_ARGS, node.args[1:])), **node.kwargs}
     upstream = m.kernel("input")
-    return upstream.then(pool_kernel(upstream, _POOLS[node.target], options))
+    return upstream.then(pool_kernel(upstream.out_channels, upstream, _POOLS[node.target], options))
 
 
 AVG_POOL = PatternRule("aten_avg_pool", Call(tuple(_POOLS), Linear(x, "input", identity=False), name="pool"), avg_pool)

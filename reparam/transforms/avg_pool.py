@@ -7,7 +7,9 @@ depthwise conv
 
 so it folds into the linear region feeding it (III) and sums with other branches (II), as in
 DBB's 1x1 -> BN-and-pad -> avg-pool -> BN branch. Recognised as `nn.AvgPool1d/2d/3d` and
-`F.avg_pool1d/2d/3d`.
+`F.avg_pool1d/2d/3d`. A pool of a tensor no region computes (the block's input: DBB's
+depthwise avg branch, YOLOv6's QARepVGGBlockV2) takes its channel count from the conv or BN
+that reads it (rule `avg_pool_of_input`).
 
 Exact condition: every window divides by the same number. Refused (`border not exact`) with
 `count_include_pad=False` and padding (border windows divide by fewer taps), and with
@@ -40,6 +42,16 @@ _INPUT = Linear(x, "input", identity=False)
 
 def avg_pool(m: Match) -> Kernel:
     upstream = m.kernel("input")
+    return upstream.then(_pool_of(m, upstream.out_channels, upstream))
+
+
+def pooled_layer(m: Match) -> Kernel:
+    """A pool of a tensor no region computes (the block's input), read by a layer that knows its channels."""
+    layer = m.kernel("layer")
+    return _pool_of(m, layer.in_channels, layer).then(layer)
+
+
+def _pool_of(m: Match, channels: int, like: Kernel) -> Kernel:
     node = m.node("pool")
     if node.op == "call_module":
         pool = m.module("pool")
@@ -48,11 +60,11 @@ def avg_pool(m: Match) -> Kernel:
     else:
         options = {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
         dims = _FUNCTIONS[node.target]
-    return upstream.then(pool_kernel(upstream, dims, options))
+    return pool_kernel(channels, like, dims, options)
 
 
-def pool_kernel(upstream: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
-    """The depthwise kernel of an average pool over the output of `upstream`."""
+def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
+    """The depthwise kernel of an average pool over `channels` channels, in `like`'s dtype and device."""
     padding, stride = options["padding"], options["stride"] or options["kernel_size"]
     if options["divisor_override"] is None and not options["count_include_pad"] and _any(padding):
         raise FusionRefused(
@@ -64,14 +76,14 @@ def pool_kernel(upstream: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
             Reason.BORDER_NOT_EXACT, "ceil_mode=True with stride > 1 adds a partial last window for some input sizes"
         )
     return Kernel.avg_pool(
-        upstream.out_channels,
+        channels,
         dims,
         options["kernel_size"],
         stride,
         padding,
         options["divisor_override"],
-        dtype=upstream.dtype,
-        device=upstream.weight.device,
+        dtype=like.dtype,
+        device=like.weight.device,
     )
 
 
@@ -84,3 +96,10 @@ AVG_POOL = PatternRule(
     AnyOf(Module(tuple(_MODULES), _INPUT), Call(tuple(_FUNCTIONS), _INPUT), name="pool"),
     avg_pool,
 )
+
+_PLAIN_POOL = AnyOf(
+    Module(tuple(_MODULES), Var("x", plain=True)), Call(tuple(_FUNCTIONS), Var("x", plain=True)), name="pool"
+)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+POOLED_LAYER = PatternRule("avg_pool_of_input", Module(_LAYERS, _PLAIN_POOL, name="layer"), pooled_layer)

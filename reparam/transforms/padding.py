@@ -14,7 +14,9 @@ before it, because K maps each position on its own:
 The second is DBB's BN-and-pad layer: `F.pad(bn(y) - v, p) + v` with `v = beta - mean * s`, the
 BN's response to zero, is a zero-padded chain, so the unpadded KxK after it folds (III).
 
-Recognised spellings: `F.pad(x, pad, mode, value)`, `nn.ZeroPad1d/2d/3d`,
+Recognised spellings: `F.pad(x, pad, mode, value)`, DBB's in-place border assignment after a
+zero pad (`y[:, :, :p, :] = v` on every side: `pad_with_border`, see reparam/borders.py),
+`nn.ZeroPad1d/2d/3d`,
 `nn.ConstantPad1d/2d/3d`, `nn.ReflectionPad1d/2d/3d`, `nn.ReplicationPad1d/2d/3d`,
 `nn.CircularPad1d/2d/3d`.
 
@@ -29,10 +31,12 @@ Paper: X. Ding et al., "Diverse Branch Block", CVPR 2021 (transform III and its 
 import torch.nn.functional as F
 from torch import nn
 
+from ..borders import pad_with_border
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import AnyOf, Call, Linear, Match, Module, Var
+from ..patterns import AnyOf, Call, Const, Linear, Match, Module, Var
 from ..rules import PatternRule
+from .scale import per_channel
 
 _ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
 _CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
@@ -84,6 +88,16 @@ def padded_region(m: Match) -> Kernel:
     return kernel.then_pad(padding, mode, value)
 
 
+def bordered_region(m: Match) -> Kernel:
+    """`pad_with_border(K(x), pad, v)`: DBB's in-place border assignment, lowered (see reparam/borders.py)."""
+    kernel = m.kernel("a")
+    pads = m.value("pads")
+    lows = tuple(pads[0::2])
+    if not isinstance(pads, list | tuple) or lows != tuple(pads[1::2]) or len(lows) != kernel.spatial_dims:
+        raise FusionRefused(Reason.GEOMETRY, f"a border of {pads!r} is not the same on every side of every dim")
+    return kernel.then_pad(tuple(reversed(lows)), "zeros", per_channel(m.value("border"), kernel))
+
+
 def _pad(input: Var | Linear) -> AnyOf:
     return AnyOf(Call(F.pad, input, name="pad"), Module(PAD_MODULES, input, name="pad"))
 
@@ -92,3 +106,8 @@ x = Var("x")
 
 PADDED_CONV = PatternRule("padded_conv", Module(_CONVS, _pad(Var("x", plain=True)), name="conv"), padded_conv)
 PADDED_REGION = PatternRule("padded_region", _pad(Linear(x, "a", identity=False)), padded_region)
+BORDERED_REGION = PatternRule(
+    "bordered_region",
+    Call(pad_with_border, Linear(x, "a", identity=False), Const("pads"), Const("border"), name="pad"),
+    bordered_region,
+)
