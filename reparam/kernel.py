@@ -384,8 +384,10 @@ class Kernel:
         or one per output channel) equals a zero pad of the input when self maps zero to
         `value`: its bias is `value` in every channel
         (DBB's BN-and-pad layer pads with its BN's response to zero). Bias and value are
-        compared to 1e-12 of their magnitude: the two are often computed by different formulas
-        for the same number, folded in float64.
+        compared to the rounding of the model's dtype (8 eps of their magnitude, at least
+        1e-12): the value is the same number computed in forward by another formula and
+        stored in that dtype, and the fused conv's border, the float64 bias, is no further
+        from the exact one.
         """
         mode = _CONV_MODE.get(mode, mode)
         if not any(padding):
@@ -398,7 +400,8 @@ class Kernel:
         if mode == "zeros":
             value = torch.as_tensor(value, dtype=torch.float64, device=self.bias.device)
             scale = max(1.0, float(value.abs().max()), float(self.bias.abs().max()) if self.bias.numel() else 0.0)
-            if (self.bias - value).abs().max() > 1e-12 * scale:
+            rounding = max(1e-12, 8 * torch.finfo(self.dtype).eps) if self.dtype.is_floating_point else 1e-12
+            if (self.bias - value).abs().max() > rounding * scale:
                 raise FusionRefused(
                     Reason.BORDER_NOT_EXACT,
                     f"the pad writes {float(value.min()):g} to {float(value.max()):g} at the border, but the "

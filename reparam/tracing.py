@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .borders import pad_with_border
 from .errors import NotTraceableError, ReparamError
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
@@ -36,7 +37,7 @@ class _LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: frozenset[type] = frozenset(), functions: tuple[Callable, ...] = ()) -> None:
         # defaults: unpickling a GraphModule re-traces its code with `tracer_cls()`
-        super().__init__(autowrap_functions=functions)
+        super().__init__(autowrap_functions=(*functions, pad_with_border))
         self.leaf_types = leaf_types
         self.kept: dict[str, tuple[str, str]] = {}
 

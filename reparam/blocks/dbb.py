@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..borders import pad_with_border
 from .common import conv_bn
 
 
@@ -36,9 +37,7 @@ class BNAndPad(nn.Module):
         border = (-bn.running_mean * scale).view(1, -1, *[1] * self.spatial_dims)
         if bn.affine:
             border = border + bn.bias.view(1, -1, *[1] * self.spatial_dims)
-        pads = [self.padding] * (2 * self.spatial_dims)
-        # interior: out + 0 * border (exactly out); border: 0 + 1 * border (exactly border)
-        return F.pad(out, pads) + F.pad(torch.zeros_like(out), pads, value=1.0) * border
+        return pad_with_border(out, [self.padding] * (2 * self.spatial_dims), border)
 
 
 class DiverseBranchBlock(nn.Module):

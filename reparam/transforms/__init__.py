@@ -18,7 +18,6 @@ from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
 from .multiscale import CONV
 from .padding import BORDERED_REGION, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
-from .sequential import BN_AND_PAD
 
 BUILTIN_RULES = (
     PADDED_CONV,  # these two before CONV and BATCHNORM, which they fall back to
@@ -30,7 +29,6 @@ BUILTIN_RULES = (
     LINEAR,
     TRANSPOSED_CONV,
     FLATTENED_CONV,
-    BN_AND_PAD,
     PADDED_REGION,
     BORDERED_REGION,
     AVG_POOL,
@@ -51,7 +49,6 @@ __all__ = [
     "AVG_POOL",
     "POOLED_LAYER",
     "BATCHNORM",
-    "BN_AND_PAD",
     "BORDERED_REGION",
     "BUILTIN_RULES",
     "CONCAT",

@@ -11,27 +11,14 @@ Exact condition: the second kernel adds no padding of its own, or the first is p
 (1x1, stride 1) and its response to the padding equals the padding: always for reflect /
 replicate / circular padding, and for zero padding only with no bias. A biased or BN-shifted
 1x1 feeding a zero-padded KxK is therefore refused (`border not exact`): the KxK reads zeros
-at the border where the composed conv would read the 1x1's bias. DBB's remedy is the
-`BNAndPad` layer registered here: the BN pads its output with its own zero-input value and
-the KxK is unpadded, which is exactly a zero-padded KxK applied to the 1x1's input.
+at the border where the composed conv would read the 1x1's bias. DBB's remedy is its
+BN-and-pad layer: the BN pads its output with its own zero-input value and the KxK is
+unpadded, which is exactly a zero-padded KxK applied to the 1x1's input. That is a pad after a
+pointwise kernel, folded by the padding rules (padding.py) in whichever spelling it is written.
+
+This transform has no rule of its own: every layer rule extends the region feeding it by
+`Kernel.then` (`region.chain`), and the fusions it makes list `sequential` among their rules.
 
 Paper: X. Ding et al., "Diverse Branch Block: Building a Convolution as an Inception-like
 Unit", CVPR 2021 (transform III).
 """
-
-from dataclasses import replace
-
-from torch import nn
-
-from ..blocks.dbb import BNAndPad
-from ..kernel import Kernel
-from ..rules import LinearLayer
-
-
-def bn_and_pad_kernel(layer: nn.Module) -> Kernel:
-    """BN's kernel, padded: a padded 1x1 kernel outputs its bias, the BN of zero, at the border."""
-    kernel = Kernel.from_batchnorm(layer.bn, layer.spatial_dims)
-    return replace(kernel, padding=(layer.padding,) * layer.spatial_dims)
-
-
-BN_AND_PAD = LinearLayer("sequential", (BNAndPad,), bn_and_pad_kernel)
