@@ -23,6 +23,7 @@ crosses nothing.
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 import operator
 from collections.abc import Iterable
@@ -65,11 +66,18 @@ def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
 def _inplace_argument(target: Any, args: tuple, kwargs: dict) -> bool:
     if kwargs.get("inplace") is True:
         return True
+    position = _inplace_position(target)
+    return position is not None and len(args) > position and args[position] is True
+
+
+@functools.cache
+def _inplace_position(target: Any) -> int | None:
+    """Where `target` takes an `inplace` argument positionally, or None if it takes none."""
     try:
-        bound = inspect.signature(target).bind(*args, **kwargs)
-    except (TypeError, ValueError):  # a builtin without a signature, or a call that does not bind
-        return False
-    return bound.arguments.get("inplace") is True
+        parameters = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
 
 
 class Mutations:
