@@ -25,8 +25,8 @@ def pad_with_border(x: Tensor, pad: list[int], value: Tensor | float) -> Tensor:
 
     Interior: `x + 0 * value`, exactly x; border: `0 + 1 * value`, exactly value.
     """
-    inside = F.pad(torch.zeros_like(x), pad, value=1.0)
-    return F.pad(x, pad) + inside * value
+    border = F.pad(torch.zeros_like(x), pad, value=1.0)  # 1 at the border, 0 inside
+    return F.pad(x, pad) + border * value
 
 
 def lower_border_writes(gm: GraphModule) -> int:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 from reparam.kernel import Kernel, aligned
@@ -554,3 +555,49 @@ def test_pointwise_then_dilated_kernel():
     first = random_conv(ConvGeometry(2, 2, (1, 1), (1, 1), (0, 0), (1, 1), bias=False), 0)
     second = random_conv(ConvGeometry(2, 2, (3, 3), (1, 1), (2, 2), (2, 2)), 1)
     _compare(first, second, "then", torch.randn(1, 2, 9, 9, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- pads
+
+
+@given(
+    dims=spatial_dims(),
+    channels=st.integers(1, 4),
+    pad=st.integers(1, 2),
+    mode=st.sampled_from(["constant", "reflect", "replicate", "circular"]),
+    size=st.integers(3, 6),
+    seed=seeds(),
+)
+def test_a_pad_after_a_pointwise_kernel_is_that_kernel_padded(dims, channels, pad, mode, size, seed):
+    """pad(K(x)) = K(pad(x)) for pointwise K; a constant pad by K's bias is a zero pad of x."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, channels, *[1] * dims, generator=generator, dtype=torch.float64)
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64)
+    kernel = Kernel.conv(weight, bias)
+    x = torch.randn(2, channels, *[size] * dims, generator=generator, dtype=torch.float64)
+    pads = [pad] * (2 * dims)
+    if mode == "constant":  # the border is K's response to zero, channel by channel
+        padded = kernel.then_pad((pad,) * dims, mode, bias)
+        border = F.pad(torch.zeros_like(x[:, :1]), pads, value=1.0)  # 1 at the border, 0 inside
+        expected = F.pad(kernel(x), pads) + border * bias.view(1, -1, *[1] * dims)
+    else:
+        padded = kernel.then_pad((pad,) * dims, mode)
+        expected = F.pad(kernel(x), pads, mode=mode)
+    assert_computes(padded, x, expected)
+
+
+@given(
+    geometry=conv_geometries(),
+    pad=st.integers(1, 2),
+    mode=st.sampled_from(["constant", "reflect", "replicate", "circular"]),
+    data=st.data(),
+)
+def test_a_pad_before_a_conv_is_its_padding(geometry, pad, mode, data):
+    conv = random_conv(geometry, data.draw(seeds()))
+    kernel = Kernel.from_conv(conv)
+    assume(not kernel.transposed and (mode == "constant" and kernel.padding_mode == "zeros" or not any(kernel.padding)))
+    sizes = [max(s, pad + 1) for s in geometry.min_input_size()]  # a reflect pad needs more than pad
+    x = data.draw(inputs(geometry.in_channels, sizes), label="x")
+    with torch.no_grad():
+        expected = conv(F.pad(x, [pad] * (2 * geometry.dims), mode=mode))
+        assert_computes(kernel.after_pad((pad,) * geometry.dims, mode), x, expected)
