@@ -35,15 +35,15 @@ def lower_border_writes(gm: GraphModule) -> int:
     lowered = 0
     for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.pad]:
         writes = [u for u in pad.users if u.op == "call_function" and u.target is operator.setitem]
-        value = _border_value(pad, writes)
-        if value is None:
+        border = _border(pad, writes)
+        if border is None:
             continue
         last = max(writes, key=position.__getitem__)
         readers = [u for u in pad.users if u not in writes]
         if any(position[r] < position[last] for r in readers):
             continue  # something reads the pad before its borders are written
         with gm.graph.inserting_after(last):
-            bordered = gm.graph.call_function(pad_with_border, (pad.args[0], pad.args[1], value))
+            bordered = gm.graph.call_function(pad_with_border, (pad.args[0], *border))
         for reader in readers:
             reader.replace_input_with(pad, bordered)
         for write in writes:
@@ -53,8 +53,8 @@ def lower_border_writes(gm: GraphModule) -> int:
     return lowered
 
 
-def _border_value(pad: Node, writes: list[Node]) -> Any:
-    """The one value written over every border band of `pad`'s output, or None if the writes are not that."""
+def _border(pad: Node, writes: list[Node]) -> tuple[list[int], Any] | None:
+    """`pad`'s pads and the one value written over every border band of its output; None if the writes are not that."""
     pads = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
     mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
     if mode != "constant" or not isinstance(pads, tuple | list) or not writes:
@@ -62,8 +62,8 @@ def _border_value(pad: Node, writes: list[Node]) -> Any:
     if not all(isinstance(p, int) and p > 0 for p in pads) or len(set(pads)) != 1:
         return None
     width, dims = pads[0], len(pads) // 2
-    values = {id(w.args[2]): w.args[2] for w in writes}
-    if len(values) != 1:
+    value = writes[0].args[2]
+    if any(w.args[2] is not value for w in writes):
         return None
     bands = set()
     for write in writes:
@@ -72,7 +72,7 @@ def _border_value(pad: Node, writes: list[Node]) -> Any:
             return None
         bands.add(band)
     wanted = {(d, side) for d in range(dims) for side in ("low", "high")}
-    return next(iter(values.values())) if bands == wanted else None
+    return (list(pads), value) if bands == wanted else None
 
 
 def _band(key: Any, dims: int, width: int) -> tuple[int, str] | None:

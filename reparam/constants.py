@@ -19,6 +19,7 @@ A subgraph is folded when:
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ _PREFIX = "_reparam_constant_"
 
 def fold_constants(gm: GraphModule, ctx: Context) -> int:
     """Replace each foldable computed constant of `gm` by a stored tensor; return how many were stored."""
-    modules = dict(gm.named_modules())
+    modules = ctx.modules
     mutations = Mutations(gm, modules)
     constant: set[Node] = set()
     computed: set[Node] = set()  # constants that are more than a tensor of the model, reshaped
@@ -54,9 +55,10 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
     frontier = [n for n in computed if any(u not in constant and ctx.has_rules(u) for u in n.users)]
     if not frontier:
         return 0
-    values = _evaluate(gm, constant, frontier)
+    values = _evaluate(gm, _ancestors(frontier), frontier)
+    names = (f"{_PREFIX}{i}" for i in itertools.count() if not hasattr(gm, f"{_PREFIX}{i}"))
     for node in frontier:
-        name = next(f"{_PREFIX}{i}" for i in range(len(gm.graph.nodes) + 1) if not hasattr(gm, f"{_PREFIX}{i}"))
+        name = next(names)
         gm.register_buffer(name, values[node])
         with gm.graph.inserting_before(node):
             stored = gm.graph.get_attr(name)
@@ -68,18 +70,30 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
     return len(frontier)
 
 
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    """`nodes` and every node they are computed from."""
+    found: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack += node.all_input_nodes
+    return found
+
+
 def _is_random(node: Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return any(word in name.lower() for word in _RANDOM)
 
 
-def _evaluate(gm: GraphModule, constant: set[Node], wanted: list[Node]) -> dict[Node, torch.Tensor]:
+def _evaluate(gm: GraphModule, needed: set[Node], wanted: list[Node]) -> dict[Node, torch.Tensor]:
     """The values of `wanted`: computed in float64, cast to the dtype the model's own dtypes give."""
     native: dict[Node, Any] = {}
     wide: dict[Node, Any] = {}
     with torch.no_grad():
         for node in gm.graph.nodes:
-            if node not in constant:
+            if node not in needed:
                 continue
             if node.op == "get_attr":
                 value = attribute(gm, node)

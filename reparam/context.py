@@ -39,6 +39,11 @@ class Context:
             for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
                 self._owners[id(tensor)].append(name or type(gm).__name__)
 
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The graph's modules by qualified name."""
+        return self._modules
+
     def module(self, node: Node) -> nn.Module:
         """The module a `call_module` node calls."""
         return self._modules[node.target]
@@ -102,19 +107,9 @@ class Context:
         """
         if node.op == "call_module":
             module = self.module(node)
-            if "forward" in vars(module):
-                raise FusionRefused(
-                    Reason.PATCHED_FORWARD,
-                    f"{node.target}.forward was replaced on the instance, so it may not compute what its class does",
-                )
-            hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-            if hooks:
-                names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
-                raise FusionRefused(
-                    Reason.HOOKED_MODULE,
-                    f"{node.target} has forward hooks ({names}) that run only while it is called; remove them "
-                    "before fusing to fold it",
-                )
+            refusal = runs_more_than_its_class(module)
+            if refusal is not None:
+                raise FusionRefused(refusal.reason, f"{node.target}: {refusal.message}; it is kept as written")
             tensors = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
             if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
                 raise FusionRefused(
@@ -186,6 +181,18 @@ class Context:
 
 _KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity)
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
+
+
+def runs_more_than_its_class(module: nn.Module) -> FusionRefused | None:
+    """Why calling `module` does more than its class's forward (`patched forward`, `hooked module`), or None."""
+    if "forward" in vars(module):
+        message = "its forward was replaced on the instance, so it may not compute what its class does"
+        return FusionRefused(Reason.PATCHED_FORWARD, message)
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    if hooks:
+        names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
+        return FusionRefused(Reason.HOOKED_MODULE, f"it has forward hooks ({names}) that run only while it is called")
+    return None
 
 
 def reshapes(node: Node) -> bool:

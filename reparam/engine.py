@@ -4,8 +4,9 @@ Each pass:
 
 1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return;
    border writes after a pad become one op (`borders.py`); what forward computes from the
-   model's tensors alone is evaluated once and stored (`constants.py`); then reads of a tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the
-   same metadata (`metadata.py`), so that an assert does not keep a conv output alive.
+   model's tensors alone is evaluated once and stored (`constants.py`); then reads of a
+   tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the same metadata
+   (`metadata.py`), so that an assert does not keep a conv output alive.
 2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
    from the regions of its inputs when that composition is exact and the inputs have no other
@@ -31,10 +32,10 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .context import Context, attribute, describe, reshapes
-from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .borders import lower_border_writes
 from .constants import fold_constants
+from .context import Context, attribute, describe, reshapes
+from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
 from .region import (
@@ -86,8 +87,9 @@ class Engine:
             for new, rule in replaced:
                 report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
             lower_border_writes(gm)
-            fold_constants(gm, Context(gm, self._index))
-            hoist_metadata_reads(gm, Context(gm, self._index))
+            rewrites = Context(gm, self._index)  # its modules and rule index hold through both passes
+            fold_constants(gm, rewrites)
+            hoist_metadata_reads(gm, rewrites)
             ctx = self._annotate(gm)
             fused = self._materialize(gm, ctx)
             _delete_unused_submodules(gm)
@@ -152,7 +154,7 @@ class Engine:
 
     def _annotate(self, gm: GraphModule) -> Context:
         ctx = Context(gm, self._index)
-        mutations = Mutations(gm, dict(gm.named_modules()))
+        mutations = Mutations(gm, ctx.modules)
         for node in gm.graph.nodes:
             for rule in self._index.get(ctx.anchor(node), ()):
                 try:

@@ -114,10 +114,10 @@ class Mutations:
         region reads them all at `end`. A constant the region reads that forward updates
         anywhere is crossed too.
         """
-        nodes = list(nodes)
         before_end = bisect.bisect_left(self._write_positions, self._position[end])
         if not before_end and not self.mutated_attributes:
             return None
+        nodes = list(nodes)
         reads = {self._base(i) for n in nodes for i in n.all_input_nodes} | {self._base(n) for n in nodes}
         for _, op, base in self._writes:  # torch.fx reads an attribute anew at each access: compare targets
             if base.op == "get_attr" and any(r.op == "get_attr" and r.target == base.target for r in reads):

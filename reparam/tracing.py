@@ -10,10 +10,9 @@ reported with the tracer's reason).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import operator
 
 import torch
 import torch.fx
@@ -22,9 +21,11 @@ from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .borders import pad_with_border
+from .context import runs_more_than_its_class
 from .errors import NotTraceableError, ReparamError
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
+from .verify import cloned
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -47,9 +48,9 @@ class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.leaf_types:
             return True
-        reason = runs_more_than_its_class(m)
-        if reason is not None:
-            self.kept[module_qualified_name] = (type(m).__name__, reason)
+        refusal = runs_more_than_its_class(m)
+        if refusal is not None:
+            self.kept[module_qualified_name] = (type(m).__name__, f"{refusal.message}; kept as written so it runs")
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -61,15 +62,6 @@ class _AssignableProxy(torch.fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
-def runs_more_than_its_class(module: nn.Module) -> str | None:
-    """Why calling `module` is not just its class's forward (hooks, a forward set on the instance), or None."""
-    if "forward" in vars(module):
-        return "its forward was replaced on the instance; kept as written so that the replacement runs"
-    if module._forward_pre_hooks or module._forward_hooks:
-        return "it has forward hooks; kept as written so that they run"
-    return None
-
-
 def trace(
     model: nn.Module,
     rules: Sequence[Rule],
@@ -79,8 +71,8 @@ def trace(
     """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes."""
     leaf_types = frozenset(target for rule in rules for op, target in rule.anchors if op == "call_module")
     tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
-    if (reason := runs_more_than_its_class(model)) is not None:
-        raise NotTraceableError(f"{type(model).__name__} is not traced: {reason}")
+    if (refusal := runs_more_than_its_class(model)) is not None:
+        raise NotTraceableError(f"{type(model).__name__} is not traced: {refusal.message}; kept as written so it runs")
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     versions = {name: t._version for name, t in _tensors(model)}
     try:
@@ -117,9 +109,6 @@ def _restore(model: nn.Module, buffers: dict[str, Tensor]) -> None:
         for name, buffer in model.named_buffers():
             if name in buffers:
                 buffer.copy_(buffers[name])
-
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _fuse_children(
@@ -206,7 +195,7 @@ def fuse_tree(
         return module, report
     if example_inputs is not None:
         try:
-            ShapeProp(gm).propagate(*(i.clone() if isinstance(i, Tensor) else i for i in example_inputs))
+            ShapeProp(gm).propagate(*cloned(example_inputs))
         except Exception as error:
             cause = error.__cause__ or error
             raise ReparamError(

@@ -33,14 +33,14 @@ def compare(
     """
     try:
         with torch.no_grad():
-            expected = original(*_cloned(inputs))
+            expected = original(*cloned(inputs))
     except Exception as error:
         raise ReparamError(
             f"the example inputs do not run through the original model ({type(error).__name__}: {error}); "
             "pass example_inputs=(...) or input_shape=(...) that its forward accepts"
         ) from error
     with torch.no_grad():
-        actual = fused(*_cloned(inputs))
+        actual = fused(*cloned(inputs))
     for want, got in zip(_tensors(expected), _tensors(actual), strict=True):
         error, tolerance = _relative_error(got, want), TOLERANCE.get(want.dtype, 1e-4)
         if error > tolerance:
@@ -51,7 +51,8 @@ def compare(
             )
 
 
-def _cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`inputs` with each tensor copied: a forward may write to its input in place."""
     return tuple(i.clone() if isinstance(i, Tensor) else i for i in inputs)
 
 
@@ -60,8 +61,8 @@ def _first_differing_rewrite(traced: GraphModule | None, fused: nn.Module, input
         return ""
     before, after = _Recorder(traced), _Recorder(fused)
     with torch.no_grad():
-        before.run(*_cloned(inputs))
-        after.run(*_cloned(inputs))
+        before.run(*cloned(inputs))
+        after.run(*cloned(inputs))
     for node in fused.graph.nodes:
         meta = node.meta.get("reparam")
         if not meta or meta.get("replaces") not in before.values:

@@ -112,7 +112,7 @@ def test_a_write_before_every_read_lets_the_branches_fuse():
 
 
 class BufferUpdatedInForward(nn.Module):
-    """A weight stored on the model and updated by every forward: no constant to fold, and no graph torch.fx gets right."""
+    """A weight updated by every forward: no constant to fold, and no graph torch.fx gets right."""
 
     def __init__(self) -> None:
         super().__init__()

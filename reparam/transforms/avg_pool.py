@@ -91,15 +91,14 @@ def _any(value: int | tuple[int, ...] | list[int], above: int = 0) -> bool:
     return any(v > above for v in ([value] if isinstance(value, int) else value))
 
 
-AVG_POOL = PatternRule(
-    "avg_pool",
-    AnyOf(Module(tuple(_MODULES), _INPUT), Call(tuple(_FUNCTIONS), _INPUT), name="pool"),
-    avg_pool,
-)
+def _pool(input: Var | Linear) -> AnyOf:
+    return AnyOf(Module(tuple(_MODULES), input), Call(tuple(_FUNCTIONS), input), name="pool")
 
-_PLAIN_POOL = AnyOf(
-    Module(tuple(_MODULES), Var("x", plain=True)), Call(tuple(_FUNCTIONS), Var("x", plain=True)), name="pool"
-)
+
+AVG_POOL = PatternRule("avg_pool", _pool(_INPUT), avg_pool)
+
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-POOLED_LAYER = PatternRule("avg_pool_of_input", Module(_LAYERS, _PLAIN_POOL, name="layer"), pooled_layer)
+POOLED_LAYER = PatternRule(
+    "avg_pool_of_input", Module(_LAYERS, _pool(Var("x", plain=True)), name="layer"), pooled_layer
+)

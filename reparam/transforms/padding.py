@@ -92,10 +92,10 @@ def bordered_region(m: Match) -> Kernel:
     """`pad_with_border(K(x), pad, v)`: DBB's in-place border assignment, lowered (see reparam/borders.py)."""
     kernel = m.kernel("a")
     pads = m.value("pads")
-    lows = tuple(pads[0::2])
-    if not isinstance(pads, list | tuple) or lows != tuple(pads[1::2]) or len(lows) != kernel.spatial_dims:
+    symmetric = isinstance(pads, list | tuple) and tuple(pads[0::2]) == tuple(pads[1::2])
+    if not symmetric or len(pads) != 2 * kernel.spatial_dims:
         raise FusionRefused(Reason.GEOMETRY, f"a border of {pads!r} is not the same on every side of every dim")
-    return kernel.then_pad(tuple(reversed(lows)), "zeros", per_channel(m.value("border"), kernel))
+    return kernel.then_pad(tuple(reversed(pads[0::2])), "zeros", per_channel(m.value("border"), kernel))
 
 
 def _pad(input: Var | Linear) -> AnyOf:
