@@ -43,6 +43,9 @@ class Cost:
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.macs + other.macs, self.params + other.params)
 
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.macs - other.macs, self.params - other.params)
+
     def at_density(self, density: Fraction) -> Cost:
         """This cost for an input that has `density` positions per position of the region's input."""
         return Cost(self.macs * density, self.params)
@@ -118,7 +121,9 @@ def leaf(node: Node, root: Node, kernel: Kernel, rule: str, cost: Cost | None = 
 def chain(first: Region, second: Region) -> Chain:
     """`second` applied to the output of `first`. Raises `FusionRefused` if that is not one exact kernel."""
     kernel = first.kernel.then(second.kernel)
-    parts = tuple(p for r in (first, second) for p in (r.parts if isinstance(r, Chain) else (r,)))
+    parts = (first.parts if isinstance(first, Chain) else (first,)) + (
+        second.parts if isinstance(second, Chain) else (second,)
+    )
     rules = first.rules | second.rules | (set() if second.kernel.is_channelwise else {"sequential"})
     known = first.prefixes if isinstance(first, Chain) else ()
     grown_by_one = len(known) == len(parts) - 2  # every prefix of first known, second one part
@@ -219,47 +224,82 @@ def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
     raise TypeError(f"unknown region type {type(region).__name__}")
 
 
+_WINDOW = 4  # how many parts back a fused segment may start, besides extending the last fused segment
+
+
 def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
+    """Split a chain where that is cheapest: dynamic programming over its segments, in linear time.
+
+    `best[end]` is the cheapest way to compute `parts[:end]`: the cheapest way to compute
+    `parts[:start]` followed by either the part `parts[end - 1]` as planned alone, or one conv
+    for the segment `parts[start:end]`. Candidate segments end at `end` and start at most
+    `_WINDOW` parts back, or extend the fused segment that ends `best[end - 1]`, so a chain of
+    n parts composes at most `(_WINDOW + 1) * n` kernels (a chain of up to `_WINDOW + 1`
+    parts is searched exhaustively) and a long run of 1x1 convs still becomes one conv.
+    Every candidate is checked against the parts it replaces, so the plan never costs more
+    than the chain as written.
+    """
     parts = region.parts
     densities = [Fraction(1)]
     for part in parts:
         densities.append(densities[-1] * part.kernel.output_density)
     singles = [_plan(p, allow_fusion) for p in parts]
-    single_costs = [cost.at_density(d) for (_, cost), d in zip(singles, densities)]
-    segment_kernels: dict[tuple[int, int], Kernel] = {}
-    if allow_fusion:
-        for start in range(len(parts)):
-            kernel = parts[start].kernel
-            for end in range(start + 2, len(parts) + 1):
-                try:
-                    kernel = _segment_kernel(region, start, end) or kernel.then(parts[end - 1].kernel)
-                except FusionRefused:
-                    break
-                segment_kernels[start, end] = kernel
-    # best[i]: cheapest (cost, plans) computing parts[:i]
-    best: list[tuple[Cost, tuple[Plan, ...]]] = [(FREE, ())]
+    single_costs = [cost.at_density(density) for (_, cost), density in zip(singles, densities)]
+    written = [FREE]  # written[i]: the cost of parts[:i], each planned alone
+    for cost in single_costs:
+        written.append(written[-1] + cost)
+    # best[end]: the cheapest (cost, start, kernel) computing parts[:end], ending with one conv for
+    # parts[start:end] (kernel), or with parts[end - 1] planned alone (start = end - 1, kernel None)
+    best: list[tuple[Cost, int, Kernel | None]] = [(FREE, 0, None)]
+    segments: dict[int, Kernel] = {}  # start -> kernel of parts[start:end - 1], for starts still extendable
     for end in range(1, len(parts) + 1):
+        starts = set(range(max(0, end - 1 - _WINDOW), end - 1)) if allow_fusion else set()
+        if best[end - 1][2] is not None:
+            starts.add(best[end - 1][1])
+        if allow_fusion and (end == len(parts) or end - 2 < len(region.prefixes)):
+            starts.add(0)  # the prefix's kernel is known: the whole chain so far is always a candidate
+        segments = _extended(region, segments, sorted(starts), end)
         options = []  # fused segments first: on a tie in cost, fewer ops win
-        for start in range(end - 1):
-            kernel = segment_kernels.get((start, end))
-            if kernel is None or not kernel.dims_known:
-                continue
+        for start, kernel in segments.items():
             fused = Cost.of(kernel).at_density(densities[start])
-            if not fused.no_more_than(sum(single_costs[start:end], FREE)):
-                continue
-            segment = region if (start, end) == (0, len(parts)) else _sub_chain(parts[start:end], kernel)
-            options.append((best[start][0] + fused, best[start][1] + (Fuse(segment),)))
-        options.append((best[end - 1][0] + single_costs[end - 1], best[end - 1][1] + (singles[end - 1][0],)))
+            if kernel.dims_known and fused.no_more_than(written[end] - written[start]):
+                options.append((best[start][0] + fused, start, kernel))
+        options.append((best[end - 1][0] + single_costs[end - 1], end - 1, None))
         best.append(min(options, key=lambda option: option[0].key))
-    cost, steps = best[-1]
-    return (steps[0] if len(steps) == 1 else Steps(steps)), cost
+    steps: list[Plan] = []
+    end = len(parts)
+    while end:
+        _, start, kernel = best[end]
+        if kernel is None:
+            steps.append(singles[start][0])
+        else:
+            steps.append(Fuse(region if (start, end) == (0, len(parts)) else _sub_chain(parts[start:end], kernel)))
+        end = start
+    steps.reverse()
+    return (steps[0] if len(steps) == 1 else Steps(tuple(steps))), best[-1][0]
 
 
-def _segment_kernel(region: Chain, start: int, end: int) -> Kernel | None:
-    """The kernel of `region.parts[start:end]` if it is already known (the whole, or a prefix)."""
-    if end == len(region.parts) and start == 0:
-        return region.kernel
-    return region.prefixes[end - 2] if start == 0 and end - 2 < len(region.prefixes) else None
+def _extended(region: Chain, segments: dict[int, Kernel], starts: list[int], end: int) -> dict[int, Kernel]:
+    """The kernels of `region.parts[start:end]` for each start whose composition is exact.
+
+    `segments` holds the kernels of `parts[start:end - 1]`; a start missing from it was
+    refused there, and a longer segment from it is refused too.
+    """
+    parts, extended = region.parts, {}
+    for start in starts:
+        if start == end - 1:
+            continue
+        if start == 0 and end == len(parts):
+            extended[start] = region.kernel
+        elif start == 0 and end - 2 < len(region.prefixes):
+            extended[start] = region.prefixes[end - 2]
+        elif start == end - 2 or start in segments:
+            first = parts[start].kernel if start == end - 2 else segments[start]
+            try:
+                extended[start] = first.then(parts[end - 1].kernel)
+            except FusionRefused:
+                continue
+    return extended
 
 
 def _sub_chain(parts: tuple[Region, ...], kernel: Kernel) -> Chain:

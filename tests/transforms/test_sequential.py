@@ -74,3 +74,45 @@ def test_bn_and_pad_pads_with_the_bn_of_zero():
     assert out.shape == (1, 3, 5, 5)
     assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))
     assert torch.allclose(out[0, :, 0, 0], layer.bn(torch.zeros(1, 3, 1, 1, dtype=torch.float64))[0, :, 0, 0])
+
+
+def _pairs(widths: list[int]) -> nn.Module:
+    """(1x1 conv, BN) pairs with no activation between them: one linear region of 2 * len(widths) layers."""
+    layers = []
+    for c_in, c_out in zip(widths, widths[1:] + widths[:1]):
+        layers += [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out)]
+    return randomize_batchnorm(Chain(*layers)).eval().double()
+
+
+def _compositions(model: nn.Module, monkeypatch) -> tuple[nn.Module, int]:
+    from reparam.kernel import Kernel
+
+    calls = 0
+    then = Kernel.then
+
+    def counted(self, after):
+        nonlocal calls
+        calls += 1
+        return then(self, after)
+
+    monkeypatch.setattr(Kernel, "then", counted)
+    return reparam.fuse(model), calls
+
+
+@pytest.mark.parametrize("pairs", [40, 80])
+def test_a_long_chain_is_planned_in_linear_time(pairs, monkeypatch):
+    model = _pairs([8] * pairs)
+    fused, compositions = _compositions(model, monkeypatch)
+    assert convs(fused) == 1 and batchnorms(fused) == 0
+    assert compositions <= 7 * 2 * pairs  # annotation composes each layer once, the planner at most 6 times
+    assert_same_function(model, fused, torch.randn(2, 8, 5, 5, dtype=torch.float64))
+
+
+def test_a_long_chain_is_cut_at_its_narrowest_point():
+    # 32 -> 4 -> 32 -> ... -> 4 -> 32: any single conv from 32 to 32 channels costs 32 x 32 MACs, but
+    # 32 -> ... -> 4 fuses into one 32 x 4 conv and the last 4 -> 32 stays: 2 x 128 MACs
+    model = _pairs([32, 4] * 20)
+    fused = reparam.fuse(model)
+    kept = [tuple(m.weight.shape[:2]) for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert kept == [(4, 32), (32, 4)] and batchnorms(fused) == 0
+    assert_same_function(model, fused, torch.randn(2, 32, 5, 5, dtype=torch.float64))
