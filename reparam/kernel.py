@@ -39,13 +39,15 @@ class Kernel:
 
     `weight` has shape `(out_channels, in_channels // groups, *kernel_size)`, or for a transposed
     convolution `(in_channels, out_channels // groups, *kernel_size)`; `dtype` is the dtype to
-    cast back to. Build kernels with the constructors (`conv`, `from_conv`,
+    cast back to. A layer's weight is kept as the layer holds it and converted to float64 the
+    first time its values are read (`weight`): most kernels of a graph are never composed, and
+    their geometry alone decides that. Build kernels with the constructors (`conv`, `from_conv`,
     `from_batchnorm`, `affine`, `identity`); they normalise the geometry so that equal maps
     have equal geometry (a size-1 dimension has dilation 1, an unpadded kernel has padding
     mode "zeros").
     """
 
-    weight: Tensor
+    stored_weight: Tensor  # the weight as given (any floating dtype); `weight` is it in float64
     bias: Tensor
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -80,7 +82,7 @@ class Kernel:
         if bias is None:
             bias = weight.new_zeros(weight.shape[0])
         return cls(
-            weight=weight.detach().to(torch.float64),
+            stored_weight=weight.detach(),
             bias=bias.detach().to(device=weight.device, dtype=torch.float64),
             stride=_expand(stride, dims),
             padding=padding,
@@ -185,20 +187,33 @@ class Kernel:
     # ------------------------------------------------------------------- properties
 
     @property
+    def weight(self) -> Tensor:
+        """The weight in float64 (converted once, on first read)."""
+        if self.stored_weight.dtype != torch.float64:
+            object.__setattr__(self, "stored_weight", self.stored_weight.to(torch.float64))
+        return self.stored_weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored_weight.device
+
+    @property
     def spatial_dims(self) -> int:
-        return self.weight.dim() - 2
+        return self.stored_weight.dim() - 2
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
+        return tuple(self.stored_weight.shape[2:])
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[1] * self.groups if self.transposed else self.weight.shape[0]
+        shape = self.stored_weight.shape
+        return shape[1] * self.groups if self.transposed else shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[0] if self.transposed else self.weight.shape[1] * self.groups
+        shape = self.stored_weight.shape
+        return shape[0] if self.transposed else shape[1] * self.groups
 
     @property
     def is_pointwise(self) -> bool:
@@ -227,11 +242,11 @@ class Kernel:
     @property
     def macs_per_input(self) -> Fraction:
         """Multiply-accumulates per input position."""
-        return self.weight.numel() * (1 if self.transposed else self.output_density)
+        return self.stored_weight.numel() * (1 if self.transposed else self.output_density)
 
     @property
     def params(self) -> int:
-        return self.weight.numel() + self.bias.numel()
+        return self.stored_weight.numel() + self.bias.numel()
 
     # ------------------------------------------------------------------- algebra
 
@@ -290,7 +305,7 @@ class Kernel:
         bias = after.bias + torch.einsum("gom...,gm->go", grouped, self.bias.view(after.groups, -1)).reshape(-1)
         return Kernel(
             dims_known=self.dims_known or after.dims_known,
-            weight=weight.reshape(after.out_channels, -1, *size),
+            stored_weight=weight.reshape(after.out_channels, -1, *size),
             bias=bias,
             stride=tuple(s1 * s2 for s1, s2 in zip(self.stride, after.stride)),
             padding=padding,
@@ -320,14 +335,15 @@ class Kernel:
     def _scaled(self, after: Kernel) -> Kernel:
         """`self` followed by a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t."""
         scale = after.weight.reshape(-1)
+        stored = self.stored_weight  # multiplied by float64 it is promoted exactly, without a separate copy
         if self.transposed:  # output channels run along dim 1, within each group
             groups, size = self.groups, [1] * self.spatial_dims
-            grouped = self.weight.view(groups, -1, self.out_channels // groups, *self.kernel_size)
-            weight = (grouped * scale.view(groups, 1, -1, *size)).reshape(self.weight.shape)
+            grouped = stored.view(groups, -1, self.out_channels // groups, *self.kernel_size)
+            weight = (grouped * scale.view(groups, 1, -1, *size)).reshape(stored.shape)
         else:
-            weight = self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1))
+            weight = stored * scale.view(-1, *[1] * (stored.dim() - 1))
         return replace(
-            self, weight=weight, bias=self.bias * scale + after.bias, dims_known=self.dims_known or after.dims_known
+            self, stored_weight=weight, bias=self.bias * scale + after.bias, dims_known=self.dims_known or after.dims_known
         )
 
     def __add__(self, other: Kernel) -> Kernel:
@@ -341,16 +357,44 @@ class Kernel:
             raise FusionRefused(
                 Reason.GEOMETRY, f"branches with {self.out_channels} and {other.out_channels} output channels"
             )
-        a, b = aligned([self, other])
+        (a, b), geometry = _common_geometry([self, other])
         if a.transposed and a.groups != b.groups:
             raise FusionRefused(Reason.GEOMETRY, f"transposed branches with {a.groups} and {b.groups} groups")
         groups = math.gcd(a.groups, b.groups)
-        a, b = a.regrouped(groups), b.regrouped(groups)
-        return replace(a, weight=a.weight + b.weight, bias=a.bias + b.bias, dims_known=a.dims_known or b.dims_known)
+        padding, size, dilation, padding_mode = geometry
+        # one buffer in the common geometry and groups; each branch adds its taps where they fall
+        weight = a.weight.new_zeros(a.weight.shape[0], a.weight.shape[1] * a.groups // groups, *size)
+        for kernel in (a, b):
+            kernel._add_to(weight, groups, padding, dilation)
+        return replace(
+            a,
+            stored_weight=weight,
+            bias=a.bias + b.bias,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            padding_mode=padding_mode,
+            dims_known=a.dims_known or b.dims_known,
+        )
+
+    def _add_to(self, weight: Tensor, groups: int, padding: tuple[int, ...], dilation: tuple[int, ...]) -> None:
+        """Add this kernel's taps into `weight`, a kernel of the same map's shape in a larger geometry.
+
+        `weight` has `groups` groups (a divisor of self.groups): self's groups fall on the
+        diagonal blocks of each of its groups, as in `regrouped`, and its taps where `embedded`
+        puts them.
+        """
+        ratio = self.groups // groups
+        out_per_group, in_per_group = self.weight.shape[0] // self.groups, self.weight.shape[1]
+        blocks = weight.view(groups, ratio, out_per_group, ratio, in_per_group, *weight.shape[2:])
+        diagonal = torch.diagonal(blocks, dim1=1, dim2=3)  # (groups, out, in, *taps, ratio)
+        window = (slice(None),) * 3 + self._window(padding, dilation)
+        grouped = self.weight.view(groups, ratio, out_per_group, in_per_group, *self.kernel_size)
+        diagonal[window] += grouped.movedim(1, -1)
 
     def __neg__(self) -> Kernel:
         """The kernel computing `-self(x)` (exact: negation rounds nothing)."""
-        return replace(self, weight=-self.weight, bias=-self.bias)
+        return replace(self, stored_weight=-self.weight, bias=-self.bias)
 
     def __sub__(self, other: Kernel) -> Kernel:
         """The single kernel computing `self(x) - other(x)`: `self + (-other)`, exact when `+` is."""
@@ -427,7 +471,7 @@ class Kernel:
         dense = grouped.new_zeros(groups, ratio, out_per_group, ratio, in_per_group, *self.kernel_size)
         torch.diagonal(dense, dim1=1, dim2=3).copy_(grouped.movedim(1, -1))
         weight = dense.reshape(self.out_channels, ratio * in_per_group, *self.kernel_size)
-        return replace(self, weight=weight, groups=groups)
+        return replace(self, stored_weight=weight, groups=groups)
 
     def embedded(self, padding: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> Kernel:
         """The same map on a larger grid of taps: zeros everywhere but where self's taps fall.
@@ -438,12 +482,16 @@ class Kernel:
         if (padding, kernel_size, dilation) == (self.padding, self.kernel_size, self.dilation):
             return self
         weight = self.weight.new_zeros(*self.weight.shape[:2], *kernel_size)
+        weight[(..., *self._window(padding, dilation))] = self.weight
+        return replace(self, stored_weight=weight, padding=padding, dilation=dilation)
+
+    def _window(self, padding: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[slice, ...]:
+        """Where self's taps fall in a geometry with `padding` and `dilation` that holds them (see `embedded`)."""
         window = []
         for k, p, d, new_p, new_d in zip(self.kernel_size, self.padding, self.dilation, padding, dilation):
             start, step = (new_p - p) // new_d, d // new_d if k > 1 else 1  # a single tap needs no spacing
             window.append(slice(start, start + step * (k - 1) + 1, step))
-        weight[(..., *window)] = self.weight
-        return replace(self, weight=weight, padding=padding, dilation=dilation)
+        return tuple(window)
 
     # ------------------------------------------------------------------- use
 
@@ -466,7 +514,7 @@ class Kernel:
 
     def to_module(self) -> nn.Module:
         """An `nn.ConvNd` (`nn.ConvTransposeNd`, `nn.Linear`) computing this kernel, in the original dtype."""
-        where = {"device": self.weight.device, "dtype": self.dtype}
+        where = {"device": self.device, "dtype": self.dtype}
         if self.spatial_dims == 0:
             conv = nn.utils.skip_init(nn.Linear, self.in_channels, self.out_channels, **where)
         elif self.transposed:
@@ -520,7 +568,7 @@ def concatenated(kernels: list[Kernel]) -> Kernel:
     parts = [k.regrouped(1) for k in aligned(kernels)]
     return replace(
         parts[0],
-        weight=torch.cat([k.weight for k in parts]),
+        stored_weight=torch.cat([k.weight for k in parts]),
         bias=torch.cat([k.bias for k in parts]),
         dims_known=any(k.dims_known for k in parts),
     )
@@ -534,6 +582,15 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
     `lo_i + hi_i` (twice the centre) is the same for all; the common kernel then spans
     `min lo_i .. max hi_i` on the coarsest lattice holding every tap.
     """
+    kernels, (padding, size, dilation, padding_mode) = _common_geometry(kernels)
+    return [replace(k.embedded(padding, size, dilation), padding_mode=padding_mode) for k in kernels]
+
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], str]  # padding, size, dilation, padding mode
+
+
+def _common_geometry(kernels: list[Kernel]) -> tuple[list[Kernel], Geometry]:
+    """The kernels with a common number of dims, and the geometry of `aligned`; refused if their outputs do not align."""
     kernels = [_same_dims(kernels[0], k)[1] for k in kernels]
     kernels = [_same_dims(kernels[-1], k)[1] for k in kernels]
     first = kernels[0]
@@ -565,9 +622,7 @@ def aligned(kernels: list[Kernel]) -> list[Kernel]:
         padding.append(-low)
         size.append((high - low) // lattice + 1)
         dilation.append(lattice)
-    return [
-        replace(k.embedded(tuple(padding), tuple(size), tuple(dilation)), padding_mode=padding_mode) for k in kernels
-    ]
+    return kernels, (tuple(padding), tuple(size), tuple(dilation), padding_mode)
 
 
 def _same_dims(a: Kernel, b: Kernel) -> tuple[Kernel, Kernel]:

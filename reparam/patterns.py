@@ -415,6 +415,6 @@ class Match:
             like = next((p.region.kernel for p in self._state.parts if p.region is not None), None)
             if like is None:
                 raise FusionRefused(Reason.GEOMETRY, "an identity branch's channel count is unknown")
-            identity = Kernel.identity(like.in_channels, like.spatial_dims, dtype=like.dtype, device=like.weight.device)
+            identity = Kernel.identity(like.in_channels, like.spatial_dims, dtype=like.dtype, device=like.device)
             return replace(identity, dims_known=like.dims_known)
         return self._ctx.layer_kernel(capture)

@@ -168,7 +168,7 @@ def _alpha(node: Node) -> float:
 def _times(kernel: Kernel, factor: float) -> Kernel:
     if factor == 1:
         return kernel
-    scale = torch.full((kernel.out_channels,), float(factor), dtype=torch.float64, device=kernel.weight.device)
+    scale = torch.full((kernel.out_channels,), float(factor), dtype=torch.float64, device=kernel.device)
     return kernel.then(Kernel.affine(scale, torch.zeros_like(scale), kernel.spatial_dims))
 
 

@@ -83,7 +83,7 @@ def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any])
         padding,
         options["divisor_override"],
         dtype=like.dtype,
-        device=like.weight.device,
+        device=like.device,
     )
 
 

@@ -48,7 +48,7 @@ def flattened_conv(m: Match) -> nn.Module | None:
             return None  # the output is not 1x1, or no tap reads the pixel
         taps.append(p // d)
     linear = nn.utils.skip_init(
-        nn.Linear, kernel.in_channels, kernel.out_channels, device=kernel.weight.device, dtype=kernel.dtype
+        nn.Linear, kernel.in_channels, kernel.out_channels, device=kernel.device, dtype=kernel.dtype
     )
     with torch.no_grad():
         linear.weight.copy_(kernel.weight[(..., *taps)])

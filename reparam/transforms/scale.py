@@ -38,7 +38,7 @@ def per_channel(constant: object, like: Kernel) -> torch.Tensor:
     channels, dims = like.out_channels, like.spatial_dims
     if isinstance(constant, bool) or not isinstance(constant, int | float | torch.Tensor):
         raise FusionRefused(Reason.GEOMETRY, f"a {type(constant).__name__} is not a numeric constant")
-    value = torch.as_tensor(constant, dtype=torch.float64).detach().to(like.weight.device, torch.float64)
+    value = torch.as_tensor(constant, dtype=torch.float64).detach().to(like.device, torch.float64)
     shapes = {(), (1,) * (dims + 1), (1,) * (dims + 2), (channels,) + (1,) * dims, (1, channels) + (1,) * dims}
     if tuple(value.shape) not in shapes:
         raise FusionRefused(
