@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import chain, count
 from typing import Any
 
 from torch import nn
@@ -323,7 +324,7 @@ def _flatten_paths(gm: GraphModule) -> dict[str, str]:
     def move(path: str) -> str:
         if path not in moved:
             flat = path.replace(".", "_")
-            moved[path] = next(c for c in [flat] + [f"{flat}_{i}" for i in range(1, 1000)] if not hasattr(gm, c))
+            moved[path] = next(c for c in chain([flat], (f"{flat}_{i}" for i in count(1))) if not hasattr(gm, c))
             owner_path, _, name = path.rpartition(".")
             owner = gm.get_submodule(owner_path)
             if name in owner._buffers:

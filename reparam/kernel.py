@@ -335,13 +335,13 @@ class Kernel:
     def _scaled(self, after: Kernel) -> Kernel:
         """`self` followed by a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t."""
         scale = after.weight.reshape(-1)
-        stored = self.stored_weight  # multiplied by float64 it is promoted exactly, without a separate copy
+        weight = self.stored_weight.to(torch.float64, copy=True)  # scaled in place: one new tensor
         if self.transposed:  # output channels run along dim 1, within each group
             groups, size = self.groups, [1] * self.spatial_dims
-            grouped = stored.view(groups, -1, self.out_channels // groups, *self.kernel_size)
-            weight = (grouped * scale.view(groups, 1, -1, *size)).reshape(stored.shape)
+            grouped = weight.view(groups, -1, self.out_channels // groups, *self.kernel_size)
+            grouped.mul_(scale.view(groups, 1, -1, *size))
         else:
-            weight = stored * scale.view(-1, *[1] * (stored.dim() - 1))
+            weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)))
         return replace(
             self, stored_weight=weight, bias=self.bias * scale + after.bias, dims_known=self.dims_known or after.dims_known
         )
