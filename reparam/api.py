@@ -15,7 +15,7 @@ from .errors import ReparamError, StrictModeError, TrainingModeError
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
-from .tracing import fuse_tree, trace
+from .tracing import fuse_copy, fuse_tree, trace
 from .verify import compare, example_inputs_for
 
 
@@ -120,7 +120,6 @@ def fuse_with_report(
     if verify and example_inputs is None and input_shape is None:
         raise ReparamError("verify=True needs example_inputs=(tensor, ...) or input_shape=(batch, channels, ...)")
     chosen = resolve(rules)
-    working = model if inplace else copy.deepcopy(model)
     traced_original = None
     if example_inputs is None and input_shape is not None:
         example_inputs = example_inputs_for(model, input_shape)
@@ -131,7 +130,10 @@ def fuse_with_report(
             traced_original = None
         reference = copy.deepcopy(model) if inplace else model
     engine = Engine(chosen, allow_costlier)
-    fused, report = fuse_tree(working, engine.run, chosen, leaf_modules, concrete_args, "", example_inputs)
+    if inplace:
+        fused, report = fuse_tree(model, engine.run, chosen, leaf_modules, concrete_args, "", example_inputs)
+    else:
+        fused, report = fuse_copy(model, engine.run, chosen, leaf_modules, concrete_args, example_inputs)
     if verify:
         compare(reference, fused, example_inputs, traced_original)
     if strict and (report.refusals or report.untraced):

@@ -55,6 +55,7 @@ from .region import (
 )
 from .report import FuseReport, Fusion, Refusal, Replacement
 from .rules import Anchor, ReplacementRule, Rule
+from .sharing import owned
 
 _NOOP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _TEMP_PREFIX = "_reparam_new_"
@@ -290,7 +291,7 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
         path = owner_path.split(".") if owner_path else []
         if any(".".join(path[:i]) in called for i in range(1, len(path) + 1)):
             continue  # a tensor of a module that is still called (or of a part of one) stays
-        owner = gm.get_submodule(owner_path)
+        owner = owned(gm, owner_path)
         if hasattr(owner, name):
             delattr(owner, name)
 
@@ -407,7 +408,7 @@ def _has_tensors(gm: GraphModule, node: Node) -> bool:
 def _rename(gm: GraphModule, new: _NewModule) -> str:
     """Move a new module from its temporary name to its preferred one (or a free variant of it)."""
     preferred = new.preferred_name
-    candidates = [preferred, f"{preferred}_fused"] + [f"{preferred}_fused_{i}" for i in range(1, 1000)]
+    candidates = chain([preferred, f"{preferred}_fused"], (f"{preferred}_fused_{i}" for i in count(1)))
     final = next(c for c in candidates if free_path(gm, c))
     module = gm.get_submodule(new.node.target)
     delattr(gm, new.node.target)

@@ -514,17 +514,15 @@ class Kernel:
 
     def to_module(self) -> nn.Module:
         """An `nn.ConvNd` (`nn.ConvTransposeNd`, `nn.Linear`) computing this kernel, in the original dtype."""
-        where = {"device": self.device, "dtype": self.dtype}
         if self.spatial_dims == 0:
-            conv = nn.utils.skip_init(nn.Linear, self.in_channels, self.out_channels, **where)
+            conv = nn.Linear(self.in_channels, self.out_channels, device="meta")
         elif self.transposed:
             # PyTorch wants output_padding < max(stride, dilation); a size-1 dim's dilation is free to satisfy it
             dilation = tuple(
                 d if k > 1 or op < max(s, d) else op + 1
                 for k, d, s, op in zip(self.kernel_size, self.dilation, self.stride, self.output_padding)
             )
-            conv = nn.utils.skip_init(
-                _TRANSPOSED_CLASSES[self.spatial_dims],
+            conv = _TRANSPOSED_CLASSES[self.spatial_dims](
                 self.in_channels,
                 self.out_channels,
                 self.kernel_size,
@@ -533,11 +531,10 @@ class Kernel:
                 output_padding=self.output_padding,
                 groups=self.groups,
                 dilation=dilation,
-                **where,
+                device="meta",
             )
         else:
-            conv = nn.utils.skip_init(
-                _CONV_CLASSES[self.spatial_dims],
+            conv = _CONV_CLASSES[self.spatial_dims](
                 self.in_channels,
                 self.out_channels,
                 self.kernel_size,
@@ -546,12 +543,16 @@ class Kernel:
                 dilation=self.dilation,
                 groups=self.groups,
                 padding_mode=self.padding_mode,
-                **where,
+                device="meta",
             )
-        with torch.no_grad():
-            conv.weight.copy_(self.regrouped(1).weight if self.spatial_dims == 0 else self.weight)  # Linear: dense
-            conv.bias.copy_(self.bias)
+        weight = self.regrouped(1).weight if self.spatial_dims == 0 else self.weight  # a Linear is dense
+        conv.weight = nn.Parameter(self._fresh(weight))
+        conv.bias = nn.Parameter(self._fresh(self.bias))
         return conv
+
+    def _fresh(self, values: Tensor) -> Tensor:
+        """A new contiguous tensor of `values` in the original dtype (never a view of a layer's own tensor)."""
+        return values.to(self.device, self.dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 _CONV_MODE = {"constant": "zeros"}  # F.pad's name for zero padding, and nn.Conv's

@@ -10,8 +10,10 @@ reported with the tracer's reason).
 
 from __future__ import annotations
 
+import copy
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from .context import runs_more_than_its_class
 from .errors import NotTraceableError, ReparamError
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
+from .sharing import share, unshare
 from .verify import cloned
 
 
@@ -73,19 +76,16 @@ def trace(
     tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
     if (refusal := runs_more_than_its_class(model)) is not None:
         raise NotTraceableError(f"{type(model).__name__} is not traced: {refusal.message}; kept as written so it runs")
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    versions = {name: t._version for name, t in _tensors(model)}
-    try:
-        graph = tracer.trace(model, concrete_args)
-    except Exception as error:
-        raise NotTraceableError(
-            f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}. "
-            "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
-            "or let fuse descend into the traceable submodules"
-        ) from error
-    written = [name for name, t in _tensors(model) if t._version != versions[name]]
+    with _writes_undone(model) as written:
+        try:
+            graph = tracer.trace(model, concrete_args)
+        except Exception as error:
+            raise NotTraceableError(
+                f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}. "
+                "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
+                "or let fuse descend into the traceable submodules"
+            ) from error
     if written:
-        _restore(model, buffers)
         raise NotTraceableError(
             f"{type(model).__name__}.forward writes in place to {', '.join(written)}: torch.fx runs such a write "
             "once while tracing and leaves it out of the graph, so the traced graph would not compute what forward "
@@ -99,16 +99,23 @@ def trace(
     return gm
 
 
-def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+@contextmanager
+def _writes_undone(module: nn.Module) -> Iterator[list[str]]:
+    """Run the block, then put back the parameters and buffers of `module` it wrote to; their names fill the list."""
+    saved = [(name, t, t._version, t.detach().clone()) for name, t in _tensors(module)]
+    written: list[str] = []
+    try:
+        yield written
+    finally:
+        with torch.no_grad():
+            for name, tensor, version, value in saved:
+                if tensor._version != version:
+                    written.append(name)
+                    tensor.copy_(value)
 
 
-def _restore(model: nn.Module, buffers: dict[str, Tensor]) -> None:
-    """Put back the buffer values a trace wrote to."""
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name in buffers:
-                buffer.copy_(buffers[name])
+def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def _fuse_children(
@@ -193,9 +200,40 @@ def fuse_tree(
         report = FuseReport(untraced=[Untraced(path or "<model>", type(module).__name__, reason)])
         report.extend(_fuse_children(module, run, rules, leaf_modules, path))
         return module, report
+    return _fuse_traced(gm, run, example_inputs, path)
+
+
+def fuse_copy(
+    model: nn.Module,
+    run: Callable[[GraphModule], FuseReport],
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+    example_inputs: tuple[Any, ...] | None = None,
+) -> tuple[nn.Module, FuseReport]:
+    """`fuse_tree` of a copy of `model`, which is left as it was.
+
+    A model whose forward traces is fused on its trace, which shares its layers until fusion is
+    done; then only what the fused model keeps of them is copied (`sharing`). One that does not
+    trace has its children fused in place, so it is copied whole first.
+    """
+    try:
+        gm = trace(model, rules, leaf_modules, concrete_args)
+    except NotTraceableError:
+        return fuse_tree(copy.deepcopy(model), run, rules, leaf_modules, concrete_args, "", example_inputs)
+    share(gm, model)
+    fused, report = _fuse_traced(gm, run, example_inputs, "")
+    unshare(gm)
+    return fused, report
+
+
+def _fuse_traced(
+    gm: GraphModule, run: Callable[[GraphModule], FuseReport], example_inputs: tuple[Any, ...] | None, path: str
+) -> tuple[GraphModule, FuseReport]:
     if example_inputs is not None:
         try:
-            ShapeProp(gm).propagate(*cloned(example_inputs))
+            with _writes_undone(gm):  # a layer's forward may update its buffers
+                ShapeProp(gm).propagate(*cloned(example_inputs))
         except Exception as error:
             cause = error.__cause__ or error
             raise ReparamError(

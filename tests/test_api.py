@@ -28,6 +28,57 @@ def test_the_callers_model_is_untouched():
     assert not any(p is q for p in model.parameters() for q in fused.parameters())
 
 
+class KeepsSomeLayers(nn.Module):
+    """A fused pair, a conv called at two places (kept, its weight tied) and a ReLU: what fuse keeps is copied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.shared(self.relu(self.shared(self.bn(self.conv(x)))))
+
+
+def test_what_the_fused_model_keeps_of_the_callers_layers_is_a_copy():
+    model = randomize_batchnorm(KeepsSomeLayers()).double().eval()
+    fused = reparam.fuse(model)
+    assert convs(fused) == 2  # the fused conv and the shared one
+    theirs = {id(m) for m in model.modules()}
+    assert not any(id(m) in theirs for m in fused.modules())
+    storage = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not any(t.untyped_storage().data_ptr() in storage for t in [*fused.parameters(), *fused.buffers()])
+    [called_twice] = [n for n in fused.graph.nodes if n.op == "call_module" and "shared" in str(n.target)][:1]
+    assert len([n for n in fused.graph.nodes if n.target == called_twice.target]) == 2  # one copy, still tied
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert_same_function(model, fused, x)
+    with torch.no_grad():
+        fused.get_submodule(str(called_twice.target)).weight.zero_()
+    assert model.shared.weight.abs().sum() > 0
+
+
+class ReadsALayersWeight(nn.Module):
+    """`other` is both called and read as `other.weight`: after fusion neither is left, and its tensors go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other, self.bn1, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.other(x)) + self.bn2(nn.functional.conv2d(x, self.other.weight, self.other.bias))
+
+
+def test_deleting_a_tensor_fusion_left_unread_never_deletes_it_from_the_callers_layer():
+    model = randomize_batchnorm(ReadsALayersWeight()).double().eval()
+    state = copy.deepcopy(model.state_dict())
+    fused = reparam.fuse(model)
+    assert convs(fused) == 1 and sorted(fused.state_dict()) == ["conv.bias", "conv.weight"]
+    assert sorted(model.state_dict()) == sorted(state)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert_same_function(model, fused, torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
 def test_training_mode_is_an_error_that_says_to_call_eval():
     with pytest.raises(reparam.TrainingModeError, match=r"model\.eval\(\)"):
         reparam.fuse(block().train())

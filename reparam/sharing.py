@@ -1,0 +1,76 @@
+"""Fusing a traced model without copying it first, and copying what the fused model keeps of it.
+
+A GraphModule traced from the caller's model holds the caller's own layers and tensors. Copying
+the whole model before tracing cost as much as the trace itself (a Python-level deepcopy of every
+module), while fusion replaces most layers by new ones. So the engine works on the shared
+GraphModule, which it only ever changes by adding, moving and deleting its own attributes, and
+`unshare` then copies just the caller's layers and tensors that the fused model still holds
+(one memo, so weights tied in the caller's model stay tied in the copy). `owned` is the one
+place the engine writes inside a layer (deleting a tensor nothing reads): it copies that layer
+first.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+_KEY = "reparam_shared"
+
+
+class _Shared:
+    """The caller's modules and tensors (by id), and the memo their copies are made with."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ids: set[int] = set()
+        for module in model.modules():
+            self.ids.add(id(module))
+            self.ids.update(id(t) for t in module._parameters.values())
+            self.ids.update(id(t) for t in module._buffers.values())
+            self.ids.update(id(v) for v in vars(module).values() if isinstance(v, Tensor))  # plain tensor attributes
+        self.ids.discard(id(None))
+        self.memo: dict[int, Any] = {}
+
+    def copied(self, value: Any) -> Any:
+        return copy.deepcopy(value, self.memo) if id(value) in self.ids else value
+
+
+def share(gm: GraphModule, model: nn.Module) -> None:
+    """Record that `gm` holds `model`'s layers and tensors, which must not be changed."""
+    gm.meta[_KEY] = _Shared(model)
+
+
+def owned(gm: GraphModule, path: str) -> nn.Module:
+    """The module at `path` in `gm`, first replaced by a copy if it is (or lies in) the caller's."""
+    shared: _Shared | None = gm.meta.get(_KEY)
+    module: nn.Module = gm
+    for name in path.split(".") if path else []:
+        child = module._modules[name]
+        if shared is not None and id(child) in shared.ids:
+            child = module._modules[name] = shared.copied(child)
+        module = child
+    return module
+
+
+def unshare(gm: GraphModule) -> None:
+    """Replace each of the caller's modules and tensors still in `gm` by a copy; `gm` no longer shares any."""
+    shared: _Shared | None = gm.meta.pop(_KEY, None)
+    if shared is not None:
+        _unshare(gm, shared)
+
+
+def _unshare(module: nn.Module, shared: _Shared) -> None:
+    for name, child in module._modules.items():
+        if child is not None and id(child) in shared.ids:
+            module._modules[name] = shared.copied(child)
+        elif child is not None:
+            _unshare(child, shared)
+    for tensors in (module._parameters, module._buffers):
+        for name, tensor in tensors.items():
+            tensors[name] = shared.copied(tensor)
+    for name, value in vars(module).items():
+        if isinstance(value, Tensor) and id(value) in shared.ids:
+            setattr(module, name, shared.copied(value))
