@@ -15,6 +15,16 @@ Each pass:
    where that fuses anything, emitted before its output node; its old nodes are erased, unused
    modules deleted, and each new conv named after the layers it replaced.
 
+Cost, for a graph of n nodes: each pass is O(n) Python work plus the tensor arithmetic of what it
+fuses. Replace visits each node's anchor once; annotate extends each region from its inputs'
+regions in O(1) kernel operations, and composes a tensor to float64 only when a rule reads its
+values (`Kernel` converts lazily, once per tensor); the plan of a chain of m parts tries segments
+starting at most four parts back or extending the last fused one, with costs as prefix sums,
+so O(m); materialize erases in one scan and names each new conv after its layers, trying
+variants of the name one at a time (usually the first is free). Passes are at most
+`_MAX_PASSES` (two or three in practice: one that fuses, one that finds nothing left).
+Measured in `benchmarks/fuse_time.py`.
+
 Passes repeat until one changes nothing, so `fuse` of a fused graph changes nothing. Every new
 node carries its provenance in `node.meta["reparam"]`. Last, every layer the graph calls becomes a
 direct child of the GraphModule (`stages.0.conv` -> `stages_0_conv`), so that the generated

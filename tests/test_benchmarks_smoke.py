@@ -82,3 +82,29 @@ def test_copy_weights_rejects_a_twin_of_another_shape():
         assert torch.equal(twin(x), fused(x))
     with pytest.raises(ValueError):
         copy_weights(fused, nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4)), x)
+
+
+def test_fuse_time_quick_run_writes_every_table(tmp_path):
+    from benchmarks import fuse_time
+
+    out = tmp_path / "FUSE_TIME.md"
+    assert fuse_time.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert [row[0] for row in _rows(text, "## Reference nets")] == NETS
+    assert all(re.fullmatch(r"\*\*\d+\.\d\d\*\*", row[3]) for row in _rows(text, "## Reference nets"))
+    timm = text[text.index("## timm") : text.index("## A long linear chain")]
+    assert "fuse / timm" in timm or "Not measured here: timm does not import" in timm
+    assert [row[0] for row in _rows(text, "## A long linear chain")] == ["25", "50", "100"]
+    assert [row[0] for row in _rows(text, "## RepVGG blocks")] == ["2", "4"]
+    assert all(float(row[4]) >= float(row[3]) > 0 for row in _rows(text, "## RepVGG blocks"))  # peak RSS only grows
+
+
+def test_a_linear_chain_fuses_to_one_conv():
+    from benchmarks.fuse_time import linear_chain
+
+    model = linear_chain(10)
+    fused = fuse(model)
+    assert [type(m) for m in fused.modules() if not isinstance(m, torch.fx.GraphModule)] == [nn.Conv2d]
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
