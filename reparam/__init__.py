@@ -8,6 +8,7 @@ from . import blocks, patterns, transforms
 from .api import fuse, fuse_with_report
 from .errors import (
     FusionRefused,
+    InvalidArgumentError,
     InvalidPatternError,
     NotTraceableError,
     Reason,
@@ -40,6 +41,7 @@ __all__ = [
     "FuseReport",
     "Fusion",
     "FusionRefused",
+    "InvalidArgumentError",
     "InvalidPatternError",
     "Kernel",
     "Linear",

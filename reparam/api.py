@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import nn
 
+from .arguments import check_example_inputs, check_flags, check_input_shape, check_leaf_modules, check_model
 from .engine import Engine
-from .errors import ReparamError, StrictModeError, TrainingModeError
+from .errors import InvalidArgumentError, ReparamError, StrictModeError, TrainingModeError
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
@@ -112,13 +113,22 @@ def fuse_with_report(
     strict: bool = False,
 ) -> tuple[nn.Module, FuseReport]:
     """`fuse`, also returning the `FuseReport`: each fusion, each refusal with its reason, what was not traced."""
+    check_model(model)
+    check_flags(allow_costlier=allow_costlier, inplace=inplace, verify=verify, strict=strict)
+    check_leaf_modules(leaf_modules)
+    check_example_inputs(example_inputs)
+    check_input_shape(input_shape)
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise InvalidArgumentError(f"concrete_args must be a dict of argument names to values, got {concrete_args!r}")
     if model.training:
         raise TrainingModeError(
             f"{type(model).__name__} is in training mode, where BatchNorm uses batch statistics and no fusion is "
             "exact; call model.eval() before reparam.fuse(model)"
         )
     if verify and example_inputs is None and input_shape is None:
-        raise ReparamError("verify=True needs example_inputs=(tensor, ...) or input_shape=(batch, channels, ...)")
+        raise InvalidArgumentError(
+            "verify=True needs example_inputs=(tensor, ...) or input_shape=(batch, channels, ...)"
+        )
     chosen = resolve(rules)
     traced_original = None
     if example_inputs is None and input_shape is not None:

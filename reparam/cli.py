@@ -17,14 +17,21 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import importlib.util
 import io
 import json
+import os
 import pickle
+import pickletools
 import re
+import shutil
 import sys
+import tempfile
+import threading
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +44,15 @@ from .errors import ReparamError
 from .report import FuseReport
 from .verify import TOLERANCE
 
-EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class CliError(Exception):
-    """A failure the command explains in its message (no traceback)."""
+    """A failure the command explains in its message (no traceback): exit status 1."""
+
+
+class UsageError(CliError):
+    """The command line asks for something it cannot do as given: exit status 2, as argparse's errors."""
 
 
 # --------------------------------------------------------------------------- arguments
@@ -96,9 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(fuse)
     fuse.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="where to write the fused model")
     fuse.add_argument(
+        "--force", action="store_true", help="allow an output path to be the input model's (it is replaced atomically)"
+    )
+    fuse.add_argument(
         "--verify", action="store_true", help="run the original and the fused model on an example input and compare"
     )
     fuse.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="also export the fused model to ONNX")
+    fuse.add_argument(
+        "--static",
+        action="store_true",
+        help="ONNX with the example input's fixed shape (default: batch and spatial dims dynamic)",
+    )
+    fuse.add_argument(
+        "--opset", type=int, metavar="N", help="the ONNX opset to write (default: the exporter's); refused if it cannot"
+    )
     fuse.add_argument("--report", action="store_true", help="print every fusion and refusal as a table")
     fuse.add_argument("--graph", type=Path, metavar="PICTURE.svg", help="draw the graph before and after fusion")
     fuse.add_argument("--strict", action="store_true", help="fail if anything was refused or could not be traced")
@@ -111,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; every failure is one `reparam: error:` line on stderr and a nonzero exit status.
+
+    Exit status: 0 done, 1 the model could not be loaded, fused or written, 2 a usage error,
+    130 interrupted (outputs are written atomically, so an interrupted run leaves each output
+    file as it was).
+    """
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         print(demo.run())
@@ -118,13 +146,32 @@ def main(argv: list[str] | None = None) -> int:
     progress = _Progress(quiet=args.quiet)
     try:
         return _fuse(args, progress) if args.command == "fuse" else _inspect(args, progress)
+    except UsageError as error:
+        return _error(str(error), EXIT_USAGE)
     except (CliError, ReparamError) as error:
-        print(f"reparam: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        return _error(str(error), EXIT_ERROR)
+    except KeyboardInterrupt:
+        return _error("interrupted; every output file was left as it was", EXIT_INTERRUPTED)
+    except Exception as error:  # a bug: still one line, with what a report needs
+        return _error(
+            f"unexpected {type(error).__name__} ({_first_line(error)}); this is a bug in reparam: please report "
+            "it with the command line and the model's source",
+            EXIT_ERROR,
+        )
+
+
+def _error(message: str, status: int) -> int:
+    print(f"reparam: error: {message}", file=sys.stderr)
+    return status
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class _Progress:
-    """Stage messages with elapsed times, on stderr."""
+    """Stage messages with elapsed times, on stderr; on a terminal, a long stage shows its time as it runs."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet, self.start = quiet, time.perf_counter()
@@ -132,6 +179,30 @@ class _Progress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, message: str) -> Iterator[None]:
+        """`message`, then (on a terminal, with tqdm installed) a line counting the stage's seconds until it ends."""
+        self(message)
+        if self.quiet or not sys.stderr.isatty() or importlib.util.find_spec("tqdm") is None:
+            yield
+            return
+        from tqdm import tqdm
+
+        with tqdm(desc="  working", bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False) as bar:
+            stop = threading.Event()
+
+            def tick() -> None:
+                while not stop.wait(0.5):
+                    bar.refresh()
+
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                ticker.join()
 
 
 # --------------------------------------------------------------------------- loading
@@ -190,25 +261,75 @@ def _pickled_parts(path: Path) -> list[str]:
     return parts
 
 
+_CUT_SHORT = "The file was probably cut short while being written or copied: save or copy it again"
+_NOT_A_MODEL = "Give a file written by torch.export.save(program, path) or torch.save(model, path)"
+
+
+def _damage(path: Path) -> tuple[str, str] | None:
+    """Why `path` cannot be a saved model at all (empty, a broken archive, not a pickle) and the fix, or None.
+
+    Read only once loading has failed, so that a corrupt file is not mistaken for an untrusted one.
+    """
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        return "it is empty (0 bytes)", _CUT_SHORT
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return "it is a truncated or damaged zip archive (torch.save's and torch.export.save's format)", _CUT_SHORT
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            return f"its zip archive cannot be read ({_first_line(error)})", _CUT_SHORT
+        return (f"its zip archive is damaged ({broken} fails its checksum)", _CUT_SHORT) if broken else None
+    if not head.startswith(b"\x80"):  # every pickle protocol torch.save writes starts with PROTO
+        return f"it is neither a zip archive nor a pickle (it starts with {head!r})", _NOT_A_MODEL
+    try:
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+    except (ValueError, EOFError, IndexError) as error:
+        return f"it is a truncated or damaged pickle ({_first_line(error)})", _CUT_SHORT
+    return None
+
+
+def _unreadable(path: Path, error: BaseException) -> CliError:
+    damage = _damage(path)
+    if damage:
+        return CliError(f"{path} cannot be read as a model: {damage[0]}. {damage[1]}")
+    return CliError(f"{path} is not a file torch.load can read ({type(error).__name__}: {_first_line(error)})")
+
+
 def load(path: Path, trust_pickle: bool) -> nn.Module | torch.export.ExportedProgram:
     """The model saved at `path`: an ExportedProgram or an nn.Module. Raises `CliError` saying why not."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the path of a model file (.pt2, or a torch.save file)")
     if not path.is_file():
-        raise CliError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     kind = _archive_format(path)
     if kind == "torchscript":
         raise CliError(TORCHSCRIPT_MESSAGE.format(path=path))
     if kind == "program":
-        pickled = _pickled_parts(path)
+        try:
+            pickled = _pickled_parts(path)
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
+            raise _unreadable(path, error) from error
         if pickled and not trust_pickle:
             raise CliError(PICKLED_PROGRAM_MESSAGE.format(path=path, parts=", ".join(pickled[:3])))
-        return torch.export.load(path)
+        try:
+            return torch.export.load(path)
+        except Exception as error:  # torch raises many types for damaged archives
+            raise _unreadable(path, error) from error
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as error:
         if "TorchScript" in str(error):
             raise CliError(TORCHSCRIPT_MESSAGE.format(path=path)) from error
-        raise CliError(f"{path} is not a file torch.load can read: {str(error).splitlines()[0]}") from error
+        raise _unreadable(path, error) from error
     except pickle.UnpicklingError as error:
+        damage = _damage(path)
+        if damage:
+            raise _unreadable(path, error) from error
         if not trust_pickle:
             found = re.search(r"GLOBAL ([\w.]+)", str(error))
             what = f" (it names {found.group(1)})" if found else ""
@@ -220,6 +341,8 @@ def load(path: Path, trust_pickle: bool) -> nn.Module | torch.export.ExportedPro
                 f"{path} refers to code that cannot be imported here ({import_error}); run reparam where the "
                 "model's classes are importable (for example with PYTHONPATH set to your project)"
             ) from import_error
+    except Exception as error:  # EOFError, KeyError, OSError, ...: torch.load's ways of meeting a bad file
+        raise _unreadable(path, error) from error
     if isinstance(loaded, torch.jit.ScriptModule):
         raise CliError(TORCHSCRIPT_MESSAGE.format(path=path))
     if isinstance(loaded, torch.export.ExportedProgram | nn.Module):
@@ -268,11 +391,11 @@ def _run(args: argparse.Namespace, progress: _Progress, *, verify: bool, strict:
 
         example = example_inputs_for(model, args.input_shape)
     elif verify:
-        raise CliError("--verify needs --input-shape N,C,H,W (the shape of an input the model accepts)")
-    progress(f"fusing {type(model).__name__} ({stats.count(model, stats.CONV_TYPES)} convs)")
-    fused, report = fuse_with_report(
-        model, allow_costlier=args.allow_costlier, verify=verify, example_inputs=example, strict=strict
-    )
+        raise UsageError("--verify needs --input-shape N,C,H,W (the shape of an input the model accepts)")
+    with progress.stage(f"fusing {type(model).__name__} ({stats.count(model, stats.CONV_TYPES)} convs)"):
+        fused, report = fuse_with_report(
+            model, allow_costlier=args.allow_costlier, verify=verify, example_inputs=example, strict=strict
+        )
     progress(f"fused: {len(report.fusions)} fusions, {len(report.refusals)} refusals")
     result = _Result("module", model, fused, report, example)
     if drawing:
@@ -313,17 +436,17 @@ def _run_program(
     elif getattr(ep, "example_inputs", None) is None:
         raise CliError(f"{args.model} keeps no example inputs; pass --input-shape N,C,H,W to re-export it")
     convs = sum(1 for n in ep.graph.nodes if _node_kind(n) == "conv")
-    progress(f"fusing the exported program ({convs} convs)")
-    fused, report, gm = fuse_exported_in_steps(
-        ep,
-        example_args,
-        None,
-        _dynamic_shapes(ep) if example_args is not None else None,
-        rules="default",
-        allow_costlier=args.allow_costlier,
-        verify=verify,
-        strict=strict,
-    )
+    with progress.stage(f"fusing the exported program ({convs} convs)"):
+        fused, report, gm = fuse_exported_in_steps(
+            ep,
+            example_args,
+            None,
+            _dynamic_shapes(ep, exact=False) if example_args is not None else None,
+            rules="default",
+            allow_costlier=args.allow_costlier,
+            verify=verify,
+            strict=strict,
+        )
     progress(f"fused and re-exported: {len(report.fusions)} fusions, {len(report.refusals)} refusals")
     example = example_args if example_args is not None else tuple(ep.example_inputs[0])
     result = _Result("program", ep, fused, report, example)
@@ -334,32 +457,56 @@ def _run_program(
     return result
 
 
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them), in order."""
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest relative error over the floating-point outputs; other outputs must be equal (else inf)."""
+    errors = [
+        stats.relative_error(g, w) if w.is_floating_point() else (0.0 if torch.equal(g, w) else float("inf"))
+        for g, w in zip(got, want)
+        if w.numel()
+    ]
+    return max(errors, default=0.0)
+
+
 def _compare(original: Any, fused: Any, example: tuple[Any, ...]) -> dict[str, Any]:
     with torch.no_grad():
-        want, got = original(*example), fused(*example)
-    want, got = (want[0], got[0]) if isinstance(want, tuple | list) else (want, got)
+        want, got = _tensors(original(*example)), _tensors(fused(*example))
+    if not want or len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got)):
+        raise CliError(
+            f"--verify: the fused model returns {len(got)} tensor(s) where the original returns {len(want)} "
+            "(or their shapes differ); this is a bug in reparam: please report it"
+        )
     return {
         "input_shape": list(example[0].shape),
-        "max_rel_error": stats.relative_error(got, want),
-        "tolerance": TOLERANCE.get(want.dtype, 1e-4),
+        "max_rel_error": _max_relative_error(got, want),
+        "tolerance": TOLERANCE.get(want[0].dtype, 1e-4),
     }
 
 
 def _fuse(args: argparse.Namespace, progress: _Progress) -> int:
+    _check_outputs(args)
+    if args.graph and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--graph draws with matplotlib, which is not installed: pip install 'reparam[plot]'")
     result = _run(args, progress, verify=args.verify, strict=args.strict, drawing=bool(args.graph))
     if args.onnx and result.example is None:
-        raise CliError("--onnx needs --input-shape N,C,H,W (ONNX export runs the model on an example input)")
-    out: Path = args.output
-    progress(f"writing {out}")
-    result.written = _write(result, out)
+        raise UsageError("--onnx needs --input-shape N,C,H,W (ONNX export runs the model on an example input)")
+    progress(f"writing {args.output}")
+    with _written_atomically(args.output) as staged:
+        result.written = _write(result, staged)
     if args.onnx:
-        progress(f"exporting {args.onnx}")
-        result.onnx = _write_onnx(result, args.onnx, check_runtime=args.verify, quiet=args.quiet)
+        with progress.stage(f"exporting {args.onnx}"), _written_atomically(args.onnx) as staged:
+            result.onnx = _write_onnx(result, staged, args, check_runtime=args.verify)
+        result.onnx["path"] = str(args.onnx)
     if args.graph:
         from .picture import draw
 
         progress(f"drawing {args.graph}")
-        draw(result.before_graph, result.after_graph, args.graph, title=f"{args.model.name}: before and after fusion")
+        with _written_atomically(args.graph) as staged:
+            draw(result.before_graph, result.after_graph, staged, title=f"{args.model.name}: before and after fusion")
     progress("done")
     if args.json:
         print(json.dumps(_document("fuse", args, result), indent=2))
@@ -377,16 +524,64 @@ def _inspect(args: argparse.Namespace, progress: _Progress) -> int:
     return EXIT_OK
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that would overwrite the input, each other, or cannot be written."""
+    outputs = {"-o": args.output, "--onnx": args.onnx, "--graph": args.graph}
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        if _same_file(path, args.model) and not args.force:
+            raise UsageError(
+                f"{option} {path} is the input model: a failed write would lose it. Write to another path, or pass "
+                "--force to replace the input (the new file replaces it only once completely written)"
+            )
+        resolved = path.resolve()
+        if resolved in seen:
+            raise UsageError(f"{seen[resolved]} and {option} are both {path}: give each output its own path")
+        seen[resolved] = option
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file path, such as {path / 'fused.pt2'}")
+        blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise UsageError(f"cannot write {option} {path}: {blocking} is a file, not a folder")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _written_atomically(target: Path) -> Iterator[Path]:
+    """A path to write `target` at, in a fresh folder beside it; what is written there replaces `target` only
+    once the block completes (`os.replace`, atomic on one file system), files written beside it (ONNX external
+    data) first. An exception or Ctrl-C in the block leaves `target` as it was.
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as error:
+        raise CliError(f"cannot write {target}: {error.strerror or error}") from error
+    try:
+        yield staging / target.name
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == target.name):
+            os.replace(written, target.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _write(result: _Result, out: Path) -> str:
-    out.parent.mkdir(parents=True, exist_ok=True)
     if result.kind == "program":
         if out.suffix != ".pt2":
-            raise CliError(f"an ExportedProgram is written with torch.export.save, whose files end in .pt2; got {out}")
+            raise UsageError(f"an ExportedProgram is written with torch.export.save, whose files end in .pt2; got {out}")
         torch.export.save(result.fused, out)
         return "ExportedProgram (load with torch.export.load)"
     if out.suffix == ".pt2":
         if result.example is None:
-            raise CliError("writing a .pt2 ExportedProgram needs --input-shape N,C,H,W (torch.export runs the model)")
+            raise UsageError("writing a .pt2 ExportedProgram needs --input-shape N,C,H,W (torch.export runs the model)")
         torch.export.save(torch.export.export(result.fused, result.example), out)
         return "ExportedProgram (load with torch.export.load)"
     if out.suffix in (".ts", ".torchscript"):
@@ -399,26 +594,25 @@ def _write(result: _Result, out: Path) -> str:
     return "pickled GraphModule (load with torch.load(path, weights_only=False), with reparam installed)"
 
 
-def _write_onnx(result: _Result, path: Path, check_runtime: bool, quiet: bool) -> dict[str, Any]:
+def _write_onnx(result: _Result, path: Path, args: argparse.Namespace, check_runtime: bool) -> dict[str, Any]:
     try:
-        import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+
+        from .onnx_file import write_onnx
     except ImportError as error:
         raise CliError(f"--onnx needs onnx and onnxscript ({error}): pip install 'reparam[export]'") from error
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = result.fused.state_dict() if result.kind == "module" else result.fused.state_dict
     size = sum(t.numel() * t.element_size() for t in weights.values())
-    # the exporter prints its own progress on stdout: keep stdout for results (and --json)
-    with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr):
-        torch.onnx.export(result.fused, result.example, str(path), dynamo=True, external_data=size > 1.5e9)
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
+    proto = write_onnx(
+        result.fused, result.example, path, dynamic=not args.static, opset=args.opset, external_data=size > 1.5e9
+    )
     ops = Counter(node.op_type for node in proto.graph.node)
     info: dict[str, Any] = {
         "path": str(path),
         "conv_nodes": ops.get("Conv", 0),
         "batchnorm_nodes": ops.get("BatchNormalization", 0),
         "nodes": sum(ops.values()),
+        "input_dims": [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim],
     }
     if check_runtime:
         try:
@@ -427,12 +621,13 @@ def _write_onnx(result: _Result, path: Path, check_runtime: bool, quiet: bool) -
             return info
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), result.example, strict=False)}
-        got = torch.from_numpy(session.run(None, feed)[0])
+        got = [torch.from_numpy(array) for array in session.run(None, feed)]
         with torch.no_grad():
             reference = result.original if result.kind == "module" else result.original.module()
-            want = reference(*result.example)
-        want = want[0] if isinstance(want, tuple | list) else want
-        info["onnxruntime_max_rel_error"] = stats.relative_error(got, want)
+            want = _tensors(reference(*result.example))
+        if len(got) != len(want):
+            raise CliError(f"the ONNX file returns {len(got)} outputs where the model returns {len(want)} tensors")
+        info["onnxruntime_max_rel_error"] = _max_relative_error(got, want)
     return info
 
 
@@ -487,6 +682,10 @@ def _document(command: str, args: argparse.Namespace, result: _Result) -> dict[s
     }
 
 
+def _dims(dims: list[int | str]) -> str:
+    return "x".join(map(str, dims))
+
+
 def _summary(args: argparse.Namespace, result: _Result, show_report: bool) -> str:
     before, after = _census(result.original), _census(result.fused)
     rows = [
@@ -515,7 +714,7 @@ def _summary(args: argparse.Namespace, result: _Result, show_report: bool) -> st
     if result.onnx:
         o = result.onnx
         line = f"wrote {o['path']}: {o['nodes']} ONNX nodes, {o['conv_nodes']} Conv"
-        line += f", {o['batchnorm_nodes']} BatchNormalization"
+        line += f", {o['batchnorm_nodes']} BatchNormalization; input {_dims(o['input_dims'])}"
         if "onnxruntime_max_rel_error" in o:
             line += f"; onnxruntime max rel. error {o['onnxruntime_max_rel_error']:.2e}"
         lines.append(line)

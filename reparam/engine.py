@@ -89,8 +89,12 @@ class Engine:
             for anchor in rule.anchors:
                 self._index[anchor].append(rule)
 
-    def run(self, gm: GraphModule) -> FuseReport:
-        """Fuse `gm` in place to a fixpoint and return what was done."""
+    def run(self, gm: GraphModule, flatten: bool = True) -> FuseReport:
+        """Fuse `gm` in place to a fixpoint and return what was done.
+
+        `flatten`: make each layer the graph calls a direct child of `gm` (for a module's forward;
+        an exported program keeps the paths of what fusion left untouched, as its state_dict keys).
+        """
         _drop_noops(gm)
         report = FuseReport()
         for index in range(_MAX_PASSES):
@@ -117,7 +121,7 @@ class Engine:
                 f"rules were still rewriting the graph after {_MAX_PASSES} passes: does a replacement rule match "
                 "the module it returns?"
             )
-        moved = _flatten_paths(gm)
+        moved = _flatten_paths(gm) if flatten else {}
         report.fusions = [replace(f, module=moved.get(f.module, f.module)) for f in report.fusions]
         report.replacements = [replace(r, module=moved.get(r.module, r.module)) for r in report.replacements]
         gm.graph.lint()

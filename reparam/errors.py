@@ -42,6 +42,10 @@ class FusionRefused(ReparamError):
         self.nodes: tuple = ()  # the graph nodes at fault, when a rule knows them
 
 
+class InvalidArgumentError(ReparamError, TypeError, ValueError):
+    """An argument of `fuse` or `fuse_exported` has the wrong type or value; the message says what to pass."""
+
+
 class TrainingModeError(ReparamError):
     """`fuse` was given a model in training mode."""
 

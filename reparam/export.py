@@ -13,6 +13,7 @@ module is exported again with the program's example inputs, keeping its dynamic 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .arguments import check_example_inputs, check_flags
 from .engine import Engine, free_path
-from .errors import ReparamError, StrictModeError, TrainingModeError
+from .errors import InvalidArgumentError, ReparamError, StrictModeError, TrainingModeError
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
@@ -60,7 +62,7 @@ def fuse_exported(
         example_args, example_kwargs: inputs to export the fused module with; default: the
             program's own `ep.example_inputs` (kept by `torch.export.export` and `save`/`load`).
         dynamic_shapes: as for `torch.export.export`; default: every dimension that is
-            dynamic in `ep` stays dynamic (`Dim.AUTO` within the same range).
+            dynamic in `ep` stays dynamic, in the same range (dims equal in `ep` stay equal).
         rules, allow_costlier, strict: as for `reparam.fuse`.
         verify: run `ep` and the result on the example inputs and raise `VerificationError`
             if they differ beyond the dtype's tolerance.
@@ -107,11 +109,18 @@ def fuse_exported_in_steps(
 ) -> tuple[torch.export.ExportedProgram, FuseReport, GraphModule]:
     """`fuse_exported_with_report`, also returning the fused GraphModule it exported (for drawing it)."""
     if not isinstance(ep, torch.export.ExportedProgram):
-        raise TypeError(f"fuse_exported takes a torch.export.ExportedProgram, got {type(ep).__name__}")
+        hint = ": use reparam.fuse(model) for an nn.Module" if isinstance(ep, nn.Module) else ""
+        raise InvalidArgumentError(f"fuse_exported takes a torch.export.ExportedProgram, got {type(ep).__name__}{hint}")
+    check_flags(allow_costlier=allow_costlier, verify=verify, strict=strict)
+    check_example_inputs(example_args, "example_args")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise InvalidArgumentError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
     _check_eval(ep)
     args, kwargs = _example_inputs(ep, example_args, example_kwargs)
     if dynamic_shapes is None and example_args is None and example_kwargs is None:
-        dynamic_shapes = _dynamic_shapes(ep)
+        shapes = [_dynamic_shapes(ep, exact=True), _dynamic_shapes(ep, exact=False)]  # ep's own dims
+    else:
+        shapes = [dynamic_shapes]
     gm, report = _fuse_module(ep, rules, allow_costlier)
     if verify:  # name the first differing rewrite, if any
         original = unexported(ep)
@@ -122,7 +131,7 @@ def fuse_exported_in_steps(
     if strict and (report.refusals or report.untraced):
         raise StrictModeError(f"strict=True and the program was not fully fused:\n{report}")
     try:
-        fused = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
+        fused = _exported(gm, args, kwargs, shapes)
     except Exception as error:
         raise ReparamError(
             f"the fused module could not be exported again ({type(error).__name__}: {str(error).splitlines()[0]}); "
@@ -131,6 +140,20 @@ def fuse_exported_in_steps(
     if verify:
         compare(_Bound(ep.module(), kwargs), _Bound(fused.module(), kwargs), args, None)
     return fused, report, gm
+
+
+def _exported(
+    gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: list[Any]
+) -> torch.export.ExportedProgram:
+    """`gm` exported with the first of `shapes` (dynamic_shapes specs) that torch.export accepts.
+
+    The source program's exact dims come first; torch.export refuses named dims it can prove
+    narrower, and then `Dim.AUTO` lets it narrow them.
+    """
+    for spec in shapes[:-1]:
+        with contextlib.suppress(Exception):
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=spec)
+    return torch.export.export(gm, args, kwargs, dynamic_shapes=shapes[-1])
 
 
 class _Bound(nn.Module):
@@ -174,7 +197,7 @@ def _fuse_module(
 ) -> tuple[GraphModule, FuseReport]:
     gm = unexported(ep)
     paths = _module_paths(gm)
-    report = Engine(resolve(rules), allow_costlier).run(gm)
+    report = Engine(resolve(rules), allow_costlier).run(gm, flatten=False)
     _erase_unread_attributes(gm)
     return gm, _named_by_modules(gm, report, paths)
 
@@ -214,18 +237,24 @@ def _example_inputs(
     if args is None and kwargs is None:
         stored = getattr(ep, "example_inputs", None)
         if stored is None:
-            raise ReparamError(
+            raise InvalidArgumentError(
                 "this ExportedProgram keeps no example inputs; pass example_args=(tensor, ...) to re-export it"
             )
         args, kwargs = stored
     return tuple(args or ()), dict(kwargs or {})
 
 
-def _dynamic_shapes(ep: torch.export.ExportedProgram) -> Any:
-    """The dynamic dimensions of `ep`'s positional tensor inputs, as `Dim.AUTO` specs in the same ranges."""
+def _dynamic_shapes(ep: torch.export.ExportedProgram, exact: bool = True) -> Any:
+    """The dynamic dimensions of `ep`'s positional tensor inputs, in the same ranges.
+
+    `exact`: one named `Dim` per symbol of `ep`, with its bounds (so dims equal in `ep` stay equal,
+    and a batch of min 1 keeps min 1); otherwise `Dim.AUTO` specs, which torch.export may narrow
+    (`Dim.AUTO` starts at 2) but accepts where named dims are refused.
+    """
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     user = set(ep.graph_signature.user_inputs)
     specs: list[Any] = []
+    named: dict[Any, Any] = {}
     dynamic = False
     for node in placeholders:
         if node.name not in user:
@@ -239,15 +268,19 @@ def _dynamic_shapes(ep: torch.export.ExportedProgram) -> Any:
             if isinstance(size, int):
                 continue
             dynamic = True
-            bounds = ep.range_constraints.get(size.node.expr)
+            expr = size.node.expr
+            bounds = ep.range_constraints.get(expr)
             low, high = (_finite(bounds.lower), _finite(bounds.upper)) if bounds is not None else (None, None)
-            spec[index] = torch.export.Dim.AUTO(min=low if low and low > 1 else None, max=high)
+            if exact and expr.is_Symbol:
+                spec[index] = named.setdefault(expr, torch.export.Dim(f"dim{len(named)}", min=low, max=high))
+            else:
+                spec[index] = torch.export.Dim.AUTO(min=low if low and low > 1 else None, max=high)
         specs.append(spec or None)
     if not dynamic:
         return None
     args_spec, kwargs_spec = torch.utils._pytree.tree_unflatten(specs, ep.call_spec.in_spec)
     if kwargs_spec:
-        raise ReparamError(
+        raise InvalidArgumentError(
             "the program has dynamic keyword inputs; pass dynamic_shapes=... to fuse_exported to re-export it"
         )
     return tuple(args_spec)

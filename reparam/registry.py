@@ -15,6 +15,7 @@ a rule of the same name warns (`RuleOverwriteWarning`).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import RuleOverwriteWarning
+from .errors import InvalidArgumentError, RuleOverwriteWarning
 from .kernel import Kernel
 from .patterns import Match, Pattern
 from .rules import LinearLayer, PatternRule, ReplacementRule, Rule
@@ -106,8 +107,34 @@ def _named(name: str) -> RuleSet:  # the registration functions' `rule_set` argu
 
 
 def resolve(rules: str | RuleSet | Iterable[Rule]) -> list[Rule]:
-    """The rules `fuse(..., rules=...)` runs: a rule set's name, a `RuleSet`, or rules in order."""
-    return list(rule_set(rules) if isinstance(rules, str) else rules)
+    """The rules `fuse(..., rules=...)` runs: a rule set's name, a `RuleSet`, or rules in order.
+
+    A name must be "default" or a set something was registered into: a misspelt name is an
+    `InvalidArgumentError` (with the closest known name), not a new, empty-handed set.
+    """
+    if isinstance(rules, str):
+        if rules != "default" and rules not in _RULE_SETS:
+            known = sorted({"default", *_RULE_SETS})
+            close = difflib.get_close_matches(rules, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InvalidArgumentError(
+                f"no rule set named {rules!r}; {hint}known rule sets: {', '.join(map(repr, known))} "
+                "(a set is created by registering into it: register_layer(..., rule_set=name))"
+            )
+        return list(rule_set(rules))
+    if not isinstance(rules, Iterable):
+        raise InvalidArgumentError(
+            f"rules must be a rule set's name, a RuleSet or a sequence of rules, got {type(rules).__name__}"
+        )
+    chosen = list(rules)
+    for rule in chosen:
+        named = isinstance(getattr(rule, "name", None), str)
+        if not (named and hasattr(rule, "anchors") and hasattr(rule, "annotate")):
+            raise InvalidArgumentError(
+                f"rules must hold Rule objects (from register_layer, register, or reparam.BUILTIN_RULES), got "
+                f"{type(rule).__name__} {rule!r:.60}"
+            )
+    return chosen
 
 
 def register_layer(

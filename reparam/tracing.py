@@ -11,9 +11,10 @@ reported with the tracer's reason).
 from __future__ import annotations
 
 import copy
+import io
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .borders import pad_with_border
 from .context import runs_more_than_its_class
-from .errors import NotTraceableError, ReparamError
+from .errors import InvalidArgumentError, NotTraceableError
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
 from .sharing import share, unshare
@@ -232,11 +233,12 @@ def _fuse_traced(
 ) -> tuple[GraphModule, FuseReport]:
     if example_inputs is not None:
         try:
-            with _writes_undone(gm):  # a layer's forward may update its buffers
+            # a layer's forward may update its buffers; ShapeProp prints a traceback before raising
+            with _writes_undone(gm), redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(*cloned(example_inputs))
         except Exception as error:
             cause = error.__cause__ or error
-            raise ReparamError(
+            raise InvalidArgumentError(
                 f"the example inputs do not run through the original model ({type(cause).__name__}: "
                 f"{str(cause).splitlines()[0]}); pass example_inputs=(...) or input_shape=(...) that its "
                 "forward accepts"

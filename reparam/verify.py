@@ -9,7 +9,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from .errors import ReparamError, VerificationError
+from .errors import InvalidArgumentError, VerificationError
 
 # relative to the output's largest magnitude: well above rounding, far below a wrong fold
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -35,7 +35,7 @@ def compare(
         with torch.no_grad():
             expected = original(*cloned(inputs))
     except Exception as error:
-        raise ReparamError(
+        raise InvalidArgumentError(
             f"the example inputs do not run through the original model ({type(error).__name__}: {error}); "
             "pass example_inputs=(...) or input_shape=(...) that its forward accepts"
         ) from error

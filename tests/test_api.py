@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import re
 
 import pytest
 import torch
@@ -205,3 +206,39 @@ def test_the_garbage_collector_is_left_as_it_was_found():
         assert not gc.isenabled(), "a caller's choice to keep it off is kept"
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda m: reparam.fuse(None), "takes an nn.Module, got NoneType"),
+        (lambda m: reparam.fuse("model.pt"), "load the model first"),
+        (lambda m: reparam.fuse(torch.export.export(m, (torch.randn(1, 4, 6, 6),))), "reparam.fuse_exported"),
+        (lambda m: reparam.fuse(torch.jit.script(m)), "before scripting it"),
+        (lambda m: reparam.fuse(m, rules=[1, 2]), "rules must hold Rule objects"),
+        (lambda m: reparam.fuse(m, rules=3), "rules must be a rule set's name"),
+        (lambda m: reparam.fuse(m, rules="defualt"), "did you mean 'default'?"),
+        (lambda m: reparam.fuse(m, example_inputs=torch.randn(2, 4, 6, 6)), "pass example_inputs=(x,)"),
+        (lambda m: reparam.fuse(m, input_shape=(1, -4, 6, 6)), "positive sizes"),
+        (lambda m: reparam.fuse(m, input_shape="1,4,6,6"), "positive sizes"),
+        (lambda m: reparam.fuse(m, allow_costlier="no"), "allow_costlier must be True or False"),
+        (lambda m: reparam.fuse(m, strict=1), "strict must be True or False"),
+        (lambda m: reparam.fuse(m, leaf_modules=nn.ReLU), "tuple of module classes"),
+        (lambda m: reparam.fuse(m, leaf_modules=(nn.ReLU(),)), "not MyBlock()"),
+        (lambda m: reparam.fuse(m, input_shape=(1, 5, 6, 6)), "example inputs do not run"),
+        (lambda m: reparam.fuse(m, verify=True), "verify=True needs example_inputs"),
+        (lambda m: reparam.fuse_exported(m), "use reparam.fuse(model)"),
+    ],
+)
+def test_a_wrong_argument_is_one_specific_error_before_any_work(call, says, capfd):
+    model = block()
+    with pytest.raises(reparam.InvalidArgumentError, match=re.escape(says)):
+        call(model)
+    assert "Traceback" not in capfd.readouterr().err  # torch.fx's ShapeProp prints one before raising
+    assert not model.training
+
+
+def test_an_invalid_argument_is_also_a_type_or_value_error():
+    assert issubclass(reparam.InvalidArgumentError, TypeError) and issubclass(reparam.InvalidArgumentError, ValueError)
+    with pytest.raises(TypeError):
+        reparam.fuse(None)

@@ -162,7 +162,7 @@ def test_torchscript_and_state_dicts_are_explained(files, tmp_path, capsys) -> N
     assert "TorchScript" in message and "cannot be fused" in message and ".pt2" in message
     assert cli.main(["inspect", str(files["weights.pt"])]) == 1
     assert "state_dict" in capsys.readouterr().err
-    assert cli.main(["inspect", str(tmp_path / "nope.pt")]) == 1
+    assert cli.main(["inspect", str(tmp_path / "nope.pt")]) == 2  # a usage error, as argparse's
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
@@ -199,7 +199,7 @@ def test_arguments_are_checked() -> None:
 
 def test_verify_without_an_input_shape_says_what_is_missing(files, tmp_path, capsys) -> None:
     code = cli.main(["fuse", str(files["model.pt"]), "-o", str(tmp_path / "o.pt"), "--trust-pickle", "--verify"])
-    assert code == 1
+    assert code == 2
     assert "--verify needs --input-shape" in capsys.readouterr().err
 
 

@@ -195,6 +195,18 @@ def test_fuse_exported_keeps_dynamic_dimensions(model) -> None:
     assert "64" in {str(r.upper) for r in fused.range_constraints.values()}  # the batch's bound survives
 
 
+def test_fuse_exported_keeps_the_names_of_untouched_weights_and_the_exact_dim_ranges() -> None:
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = randomize_batchnorm(nn.Sequential(RepVGGBlock(3, 8), head)).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    fused = reparam.fuse_exported(ep)
+    assert {"1.2.weight", "1.2.bias"} <= set(fused.state_dict)  # not 1_2_weight
+    assert [(r.lower, r.upper) for r in fused.range_constraints.values()] == [(1, 64)]  # not Dim.AUTO's 2..64
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(fused.module()(x), model(x))
+
+
 def test_fuse_exported_acnet_blocks_and_arithmetic() -> None:
     """ACNet's 3x3 + 1x3 + 3x1 branches, a subtracted branch, scales, shifts and dropout all fold."""
 
