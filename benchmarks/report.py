@@ -255,7 +255,8 @@ def _scaling(results: Results) -> list[str]:
         (
             "Wall time of `reparam.fuse` (trace, annotate, plan, rewrite, recompile; the copy of what the "
             "fused model keeps of the caller's layers included) on `nn.Sequential` of N `RepVGGBlock(8, 8)` "
-            "(3x3, 1x1 and BN-identity branches), median of `timeit` repeats. Linear scaling: constant time per block, t(2N)/t(N) = 2."
+            "(3x3, 1x1 and BN-identity branches), median of `timeit` repeats. Linear scaling: constant time per "
+            "block, t(2N)/t(N) = 2."
         ),
         "",
     ]
