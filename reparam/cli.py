@@ -576,13 +576,20 @@ def _written_atomically(target: Path) -> Iterator[Path]:
 def _write(result: _Result, out: Path) -> str:
     if result.kind == "program":
         if out.suffix != ".pt2":
-            raise UsageError(f"an ExportedProgram is written with torch.export.save, whose files end in .pt2; got {out}")
+            raise UsageError(f"an ExportedProgram is written by torch.export.save, to a .pt2 file; got {out.name}")
         torch.export.save(result.fused, out)
         return "ExportedProgram (load with torch.export.load)"
     if out.suffix == ".pt2":
         if result.example is None:
             raise UsageError("writing a .pt2 ExportedProgram needs --input-shape N,C,H,W (torch.export runs the model)")
-        torch.export.save(torch.export.export(result.fused, result.example), out)
+        try:
+            program = torch.export.export(result.fused, result.example)
+        except Exception as error:
+            raise CliError(
+                f"torch.export failed on the fused model ({type(error).__name__}: {_first_line(error)}); write a "
+                ".pt file instead (a pickled GraphModule)"
+            ) from error
+        torch.export.save(program, out)
         return "ExportedProgram (load with torch.export.load)"
     if out.suffix in (".ts", ".torchscript"):
         try:
