@@ -34,7 +34,7 @@ class Replacement:
 
 @dataclass(frozen=True)
 class Untraced:
-    """A module whose forward torch.fx could not trace: it was kept as written, its children fused."""
+    """A module whose forward torch.fx could not trace: it was kept as written, the layers inside it fused."""
 
     module: str
     type_name: str
@@ -108,5 +108,5 @@ class FuseReport:
         for r in self.refusals:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
         for u in self.untraced:
-            lines.append(f"  untraced {u.module} ({u.type_name}), kept as written, children fused: {u.reason}")
+            lines.append(f"  untraced {u.module} ({u.type_name}), kept as written (layers inside fused): {u.reason}")
         return "\n".join(lines)

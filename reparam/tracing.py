@@ -14,7 +14,7 @@ import copy
 import io
 import operator
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager, redirect_stderr, suppress
 from typing import Any
 
 import torch
@@ -36,14 +36,21 @@ class _LeafTracer(torch.fx.Tracer):
     """torch.fx's tracer, with the module types rules anchor on (and the user's) kept as leaves.
 
     A module with hooks or with a `forward` set on the instance is a leaf too: tracing into it
-    would record its class's forward and drop the hooks. `kept` lists those that no rule knows
-    (they are reported as not traced).
+    would record its class's forward and drop the hooks. So is a module of a class in
+    `untraceable` (class -> why its forward does not trace). `kept` lists those that no rule
+    knows (they are reported as not traced).
     """
 
-    def __init__(self, leaf_types: frozenset[type] = frozenset(), functions: tuple[Callable, ...] = ()) -> None:
+    def __init__(
+        self,
+        leaf_types: frozenset[type] = frozenset(),
+        functions: tuple[Callable, ...] = (),
+        untraceable: dict[type, str] | None = None,
+    ) -> None:
         # defaults: unpickling a GraphModule re-traces its code with `tracer_cls()`
         super().__init__(autowrap_functions=(*functions, pad_with_border))
         self.leaf_types = leaf_types
+        self.untraceable = untraceable or {}
         self.kept: dict[str, tuple[str, str]] = {}
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
@@ -52,11 +59,23 @@ class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.leaf_types:
             return True
+        if type(m) in self.untraceable:
+            self.kept[module_qualified_name] = (type(m).__name__, self.untraceable[type(m)])
+            return True
         refusal = runs_more_than_its_class(m)
         if refusal is not None:
             self.kept[module_qualified_name] = (type(m).__name__, f"{refusal.message}; kept as written so it runs")
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            if not hasattr(error, _FAILED_IN):  # the innermost module whose forward raised
+                with suppress(AttributeError):
+                    setattr(error, _FAILED_IN, m)
+            raise
 
 
 class _AssignableProxy(torch.fx.Proxy):
@@ -66,26 +85,43 @@ class _AssignableProxy(torch.fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
+_FAILED_IN = "_reparam_failed_in"
+
+
 def trace(
     model: nn.Module,
     rules: Sequence[Rule],
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> GraphModule:
-    """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes."""
+    """A GraphModule of `model` (sharing its submodules); layers rules anchor on stay single nodes.
+
+    A layer without submodules whose forward does not trace (padding computed from `x.size()`
+    in Python, as timm's `Conv2dSame`) is kept as one call and the trace retried, class by
+    class, so that the rest of its parent is still traced: there is nothing inside it to fuse.
+    Any other failure is `NotTraceableError`, and the caller fuses inside the model's children
+    instead, keeping the structure its forward may rely on (a routing loop over a Sequential).
+    """
     leaf_types = frozenset(target for rule in rules for op, target in rule.anchors if op == "call_module")
-    tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules))
     if (refusal := runs_more_than_its_class(model)) is not None:
         raise NotTraceableError(f"{type(model).__name__} is not traced: {refusal.message}; kept as written so it runs")
-    with _writes_undone(model) as written:
-        try:
-            graph = tracer.trace(model, concrete_args)
-        except Exception as error:
-            raise NotTraceableError(
-                f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}. "
-                "Pass the offending submodule types as leaf_modules=..., fixed arguments as concrete_args=..., "
-                "or let fuse descend into the traceable submodules"
-            ) from error
+    untraceable: dict[type, str] = {}
+    while True:
+        tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules), untraceable)
+        with _writes_undone(model) as written:
+            try:
+                graph = tracer.trace(model, concrete_args)
+                break
+            except Exception as error:
+                failed = getattr(error, _FAILED_IN, None)
+                layer = failed is not None and failed is not model and next(failed.children(), None) is None
+                if not layer or type(failed) in untraceable:
+                    raise NotTraceableError(
+                        f"torch.fx could not trace {type(model).__name__}.forward: {type(error).__name__}: {error}. "
+                        "Pass the offending submodule types as leaf_modules=..., fixed arguments as "
+                        "concrete_args=..., or let fuse descend into the traceable submodules"
+                    ) from error
+                untraceable[type(failed)] = f"its forward does not trace ({type(error).__name__}: {_first_line(error)})"
     if written:
         raise NotTraceableError(
             f"{type(model).__name__}.forward writes in place to {', '.join(written)}: torch.fx runs such a write "
@@ -98,6 +134,11 @@ def trace(
     gm = GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["reparam_kept"] = tracer.kept
     return gm
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__
 
 
 @contextmanager

@@ -3,8 +3,11 @@
 Each class here follows a published code base's idiom, rewritten for the test: timm's norm-act
 layers (a BatchNorm subclass whose forward asserts the input's rank and calls F.batch_norm),
 MobileOne's branch loop (`out = 0`, `out += branch(x)` over an nn.ModuleList), FastViT's
-RepMixer (`x + layer_scale * (mixer(x) - norm(x))`) and RepLKNet's SyncBatchNorm.
+RepMixer (`x + layer_scale * (mixer(x) - norm(x))`), RepLKNet's SyncBatchNorm and timm's
+`Conv2dSame` (TF "same" padding computed from the input size in forward).
 """
+
+import math
 
 import pytest
 import torch
@@ -183,3 +186,47 @@ def test_sync_batchnorm_folds_like_batchnorm():
     fused = reparam.fuse(model)
     assert (convs(fused), batchnorms(fused)) == (2, 0)
     assert_same_function(model, fused, torch.randn(2, 3, 6, 7, dtype=torch.float64))
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's style of TF "same" padding: computed from the input's size, in Python, in forward."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        ph = same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pw = same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class DepthwiseSeparable(nn.Module):
+    """An EfficientNet-style block of a tf_* port: a "same"-padded depthwise conv, then a pointwise one."""
+
+    def __init__(self, channels: int, out: int, stride: int) -> None:
+        super().__init__()
+        self.conv_dw = Conv2dSame(channels, channels, 3, stride, groups=channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.act = nn.ReLU()
+        self.conv_pw = nn.Conv2d(channels, out, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+
+    def forward(self, x):
+        return self.bn2(self.conv_pw(self.act(self.bn1(self.conv_dw(x)))))
+
+
+def test_a_layer_that_does_not_trace_is_kept_and_the_rest_of_its_block_fuses():
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model = randomize_batchnorm(nn.Sequential(stem, DepthwiseSeparable(8, 16, 2), DepthwiseSeparable(16, 8, 1)))
+    model = model.double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [f.sources for f in report.fusions] == [("0.0", "0.1"), ("1.conv_pw", "1.bn2"), ("2.conv_pw", "2.bn2")]
+    kept = [(u.module, u.type_name) for u in report.untraced]
+    assert kept == [("1.conv_dw", "Conv2dSame"), ("2.conv_dw", "Conv2dSame")]
+    assert "does not trace" in report.untraced[0].reason
+    assert batchnorms(fused) == 2  # the BNs after the kept convs: nothing they follow can take them
+    for shape in [(1, 3, 17, 15), (2, 3, 8, 8)]:  # odd and even sizes: the padding differs
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
