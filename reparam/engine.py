@@ -98,7 +98,7 @@ class Engine:
         _drop_noops(gm)
         report = FuseReport()
         for index in range(_MAX_PASSES):
-            replaced = self._replace(gm)
+            replaced, replace_refusals = self._replace(gm)
             _delete_unused_submodules(gm)
             for new, rule in replaced:
                 report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
@@ -113,7 +113,7 @@ class Engine:
                 module = _rename(gm, new)
                 report.fusions.append(_fusion(module, new, region))
             if index == 0:  # later passes restate the same refusals in terms of the new convs
-                report.refusals = ctx.refusals
+                report.refusals = replace_refusals + ctx.refusals
             if not fused and not replaced:
                 break
         else:
@@ -130,7 +130,7 @@ class Engine:
 
     # ---------------------------------------------------------------- replace
 
-    def _replace(self, gm: GraphModule) -> list[tuple[_NewModule, str]]:
+    def _replace(self, gm: GraphModule) -> tuple[list[tuple[_NewModule, str]], list[Refusal]]:
         ctx = Context(gm, self._index)
         done: list[tuple[_NewModule, str]] = []
         erased: set[Node] = set()
@@ -140,7 +140,11 @@ class Engine:
             for rule in self._index.get(ctx.anchor(node), ()):
                 if not isinstance(rule, ReplacementRule):
                     continue
-                result = _call_rule(rule, node, lambda: rule.replacement(node, ctx))
+                try:
+                    result = _call_rule(rule, node, lambda: rule.replacement(node, ctx))
+                except FusionRefused as refusal:  # declined, with the reason the report gives
+                    ctx.refuse(rule.name, refusal.nodes or [node], refusal)
+                    continue
                 if result is None:
                     continue
                 module, args, interior = result
@@ -164,7 +168,7 @@ class Engine:
                     gm.graph.erase_node(old)
                     erased.add(old)
                 break
-        return done
+        return done, ctx.refusals
 
     # ---------------------------------------------------------------- annotate
 

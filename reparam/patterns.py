@@ -188,11 +188,16 @@ class _Call(Pattern):
     def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
         if not isinstance(value, Node) or not self.accepts(value, ctx):
             return
-        if consumer is not None and (len(value.users) != 1 or value in state.interior):
+        if consumer is not None and (_used_outside(value, consumer, state) or value in state.interior):
             return
         state = state.inside(value).capture(self.name, value)
         for operands in self.operands(value):
             yield from _match_all(self.args, operands, state, ctx, value)
+
+
+def _used_outside(node: Node, consumer: Node, state: State) -> bool:
+    """Whether a user of an inner `node` lies outside the match (`reshape_as(f(y), y)` reads y twice, inside)."""
+    return any(user is not consumer and user not in state.interior for user in node.users)
 
 
 def _match_all(patterns: Sequence[Pattern], values: Sequence[Any], state: State, ctx: Context, consumer: Node):
@@ -390,6 +395,23 @@ class Match:
     def module_of(self, node: Node) -> nn.Module:
         """The module a `call_module` node (a bound variable, say) calls."""
         return self._ctx.module(node)
+
+    def rank(self, name: str) -> int | None:
+        """The number of dims of the value of the node captured as `name`, where known.
+
+        Known from propagated shapes (`fuse(..., example_inputs=...)`) or from the graph
+        (a `flatten(x, 1)` upstream); None otherwise.
+        """
+        return self._ctx.rank(self.node(name))
+
+    def foldable(self, *names: str) -> bool:
+        """Whether the layers captured as `names` may be replaced: no hooks or patched forward, not called elsewhere."""
+        try:
+            for name in names:
+                self._ctx.check_foldable(self.node(name))
+        except FusionRefused:
+            return False
+        return True
 
     def value(self, name: str) -> Any:
         """The constant captured by `Const(name=...)`."""

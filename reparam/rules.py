@@ -190,7 +190,8 @@ class ReplacementRule:
     """A subgraph rule whose result is not a conv: `function(match)` returns a module to call instead.
 
     The module is called on the pattern's variables, in the order they first appear; an
-    `nn.Sequential` on one variable is inlined layer by layer. Returning None declines the match.
+    `nn.Sequential` on one variable is inlined layer by layer. Returning None declines the match;
+    raising `FusionRefused` declines it with a reason, which the report lists.
     `Linear` pieces are not allowed: replacements run before linear regions are known.
     """
 

@@ -3,7 +3,7 @@
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
 `functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
 multiplies and adds (layer-scale, shifts), `padding` pads folded into the conv after them or
-the pointwise kernel before them, `linear` nn.Linear and transposed convs; `aten` the
+the pointwise kernel before them, `linear` nn.Linear (LeViT's BN over tokens included) and transposed convs; `aten` the
 same transforms spelled as torch.export's aten operators (for `reparam.fuse_exported`).
 """
 
@@ -14,7 +14,7 @@ from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
-from .linear import FLATTENED_CONV, LINEAR, TRANSPOSED_CONV
+from .linear import FLATTENED_CONV, LINEAR, TOKEN_LINEAR_BN, TRANSPOSED_CONV
 from .multiscale import CONV
 from .padding import BORDERED_REGION, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
@@ -29,6 +29,7 @@ BUILTIN_RULES = (
     LINEAR,
     TRANSPOSED_CONV,
     FLATTENED_CONV,
+    TOKEN_LINEAR_BN,
     PADDED_REGION,
     BORDERED_REGION,
     AVG_POOL,
@@ -67,5 +68,6 @@ __all__ = [
     "SHIFT_DOWN",
     "SUBTRACTED_FROM",
     "SUM",
+    "TOKEN_LINEAR_BN",
     "TRANSPOSED_CONV",
 ]

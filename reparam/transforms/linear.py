@@ -10,6 +10,13 @@
   weight is the conv's tap that reads the pixel (the others read padding): replaced so that the
   Linear can fold with what follows. Declined for grouped convs (denser), non-zero padding
   modes, or when the pooling is not known to give 1x1.
+* LeViT's BatchNorm1d after a Linear on tokens, `bn(linear(x).flatten(0, 1)).reshape_as(.)`:
+  the leading dims merged so that BatchNorm1d sees `(rows, features)`, then restored. That is the
+  per-feature affine map of the Linear's output, so `W' = s W`, `b' = s b + t` for any number of
+  leading dims. Exact condition: the flatten merges every dim but the last (the rank must be
+  known: `example_inputs`), the result takes the Linear output's own shape back, and the BN is
+  an eval BatchNorm1d over the Linear's features; otherwise the Linear is left as written
+  (`geometry`, in the report).
 * `nn.ConvTranspose1d/2d/3d` followed by BN folds along the output-channel axis, which is
   weight dim 1 (within each group) instead of dim 0; parallel transposed branches with the same
   stride, groups and output padding sum after embedding (centres must coincide, as for VI).
@@ -24,8 +31,9 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import Call, Conv, Match, Var
+from ..patterns import BN, Call, Conv, Match, Module, Var
 from ..rules import LinearLayer, ReplacementRule
 
 LINEAR = LinearLayer("linear", (nn.Linear,), Kernel.from_linear, features_last=True)
@@ -67,4 +75,44 @@ def _is_global_pool(node: torch.fx.Node, m: Match) -> bool:
 # a conv on a 1x1 map, then flattened (a classifier head written with a 1x1 conv), becomes a Linear
 FLATTENED_CONV = ReplacementRule(
     "flattened_conv", Call((torch.flatten, "flatten"), Conv(Var("x"), "conv"), name="flat"), flattened_conv
+)
+
+
+def token_linear_bn(m: Match) -> nn.Module | None:
+    """`bn(linear(x).flatten(0, -2)).reshape_as(linear(x))`: one Linear, `W' = s W`, `b' = s b + t`."""
+    out, flat, linear = m.node("out"), m.node("flat"), m.node("linear")
+    rank, bn = m.rank("linear"), m.module("bn")
+    if out.args[1:] != (linear,) or out.kwargs or not m.foldable("linear", "bn"):
+        return None
+    if not isinstance(bn, nn.BatchNorm1d):
+        return None
+    if rank is None:
+        _refuse(m, "and this Linear output's rank is unknown: pass example_inputs=(...) (or input_shape=...)")
+    start = flat.args[1] if len(flat.args) > 1 else flat.kwargs.get("start_dim", 0)
+    end = flat.args[2] if len(flat.args) > 2 else flat.kwargs.get("end_dim", -1)
+    if (start % rank, end % rank) != (0, rank - 2):
+        _refuse(m, f"and this one flattens dims {start}..{end} of a rank-{rank} output: BatchNorm1d normalizes dim 1")
+    try:
+        kernel = Kernel.from_linear(m.module("linear")).then(Kernel.from_batchnorm(bn, 0))
+    except FusionRefused:
+        return None  # a BN in training mode, say: the BN rule reports it where the BN is annotated
+    return kernel.to_module()
+
+
+def _refuse(m: Match, why: str) -> None:
+    rule = "a BatchNorm1d over a Linear's tokens folds only if the flatten merges every dim but the features"
+    refusal = FusionRefused(Reason.GEOMETRY, f"{rule}, {why}")
+    refusal.nodes = (m.node("linear"), m.node("bn"))
+    raise refusal
+
+
+# LeViT's `LinearNorm`: a BatchNorm1d over a Linear's features, the tokens flattened into rows for it
+TOKEN_LINEAR_BN = ReplacementRule(
+    "token_linear_bn",
+    Call(
+        ("reshape_as", "view_as"),
+        BN(Call((torch.flatten, "flatten"), Module(nn.Linear, Var("x"), name="linear"), name="flat"), name="bn"),
+        name="out",
+    ),
+    token_linear_bn,
 )

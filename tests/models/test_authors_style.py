@@ -230,3 +230,54 @@ def test_a_layer_that_does_not_trace_is_kept_and_the_rest_of_its_block_fuses():
     assert batchnorms(fused) == 2  # the BNs after the kept convs: nothing they follow can take them
     for shape in [(1, 3, 17, 15), (2, 3, 8, 8)]:  # odd and even sizes: the padding differs
         assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
+class LinearNorm(nn.Module):
+    """LeViT's style: a Linear on tokens, its BatchNorm1d applied with the tokens flattened into rows."""
+
+    def __init__(self, features: int, out: int, flatten_end: int = 1) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, out, bias=False)
+        self.bn = nn.BatchNorm1d(out)
+        self.flatten_end = flatten_end
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, self.flatten_end)).reshape_as(x)
+
+
+class LeViTMlp(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.ln1 = LinearNorm(features, 2 * features)
+        self.act = nn.Hardswish()
+        self.ln2 = LinearNorm(2 * features, features)
+
+    def forward(self, x):
+        return x + self.ln2(self.act(self.ln1(x)))
+
+
+def test_levit_linear_norm_on_tokens_folds_into_the_linear_when_the_rank_is_known():
+    model = randomize_batchnorm(nn.Sequential(LeViTMlp(8), LeViTMlp(8))).double().eval()
+    tokens = torch.randn(2, 5, 8, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(tokens,))
+    assert batchnorms(fused) == 0 and len(report.replacements) == 4 and not report.refusals
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 4
+    for shape in [(2, 5, 8), (3, 1, 8), (1, 7, 8)]:  # other batch sizes and token counts
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
+def test_levit_linear_norm_is_refused_with_the_reason_when_the_rank_is_unknown_or_other():
+    model = randomize_batchnorm(LinearNorm(8, 8)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) == 1 and "rank is unknown" in report.refusals[0].message
+    assert report.refusals[0].reason is Reason.GEOMETRY and report.refusals[0].nodes == ("linear", "bn")
+    grid = torch.randn(2, 3, 8, 8, dtype=torch.float64)  # (batch, rows, cols, features): flatten(0, 1) is not all
+    model = randomize_batchnorm(LinearNorm(8, 8)).double().eval()
+    fused, report = reparam.fuse_with_report(model, example_inputs=(grid,))
+    assert batchnorms(fused) == 1 and "rank-4" in report.refusals[0].message
+    assert_same_function(model, fused, grid)
+    model = randomize_batchnorm(LinearNorm(8, 8, flatten_end=2)).double().eval()  # flatten(0, 2): all but features
+    fused = reparam.fuse(model, example_inputs=(grid,))
+    assert batchnorms(fused) == 0
+    assert_same_function(model, fused, grid)
