@@ -250,7 +250,8 @@ class _Emitter:
                 env[node] = graph.node_copy(node, lambda a: env.get(a, self.replaced.get(a, a)))
             return env[p.region.output]
         name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
-        conv = p.region.kernel.to_module()
+        kernel = p.region.kernel
+        conv = kernel.to_batchnorm() if kernel.is_channelwise else kernel.to_module()  # a BN runs faster
         conv.requires_grad_(any(_trainable(self.gm, n) for n in p.region.sources))
         self.gm.add_submodule(name, conv)
         node = graph.call_module(name, (source,))

@@ -601,3 +601,30 @@ def test_a_pad_before_a_conv_is_its_padding(geometry, pad, mode, data):
     with torch.no_grad():
         expected = conv(F.pad(x, [pad] * (2 * geometry.dims), mode=mode))
         assert_computes(kernel.after_pad((pad,) * geometry.dims, mode), x, expected)
+
+
+@given(
+    st.integers(0, 3),
+    st.integers(1, 6),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**16),
+)
+def test_a_per_channel_kernel_as_a_batchnorm_computes_the_same_map(spatial_dims, channels, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.randn(channels, generator=generator).to(dtype).double()  # values the dtype holds exactly
+    shift = torch.randn(channels, generator=generator).to(dtype).double()
+    kernel = Kernel.affine(scale.to(dtype), shift.to(dtype), spatial_dims)
+    bn = kernel.to_batchnorm()
+    assert not bn.training and bn.weight.dtype == dtype and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    x = torch.randn(2, channels, *[3] * spatial_dims, generator=generator, dtype=torch.float64)
+    expected = x * scale.view(channels, *[1] * spatial_dims) + shift.view(channels, *[1] * spatial_dims)
+    with torch.no_grad():
+        got = bn.double()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_to_batchnorm_refuses_a_kernel_that_mixes_channels_or_positions():
+    with pytest.raises(ValueError, match="per-channel"):
+        Kernel.conv(torch.randn(4, 4, 1, 1), torch.zeros(4)).to_batchnorm()
+    with pytest.raises(ValueError, match="per-channel"):
+        Kernel.conv(torch.randn(4, 1, 3, 3), torch.zeros(4), groups=4).to_batchnorm()

@@ -68,7 +68,8 @@ def test_sequential_chain_with_unpadded_second_conv(geo, k1, k2, stride, data):
     size = k1 + stride * (k2 - 1) + data.draw(st.integers(0, 4))
     model = nn.Sequential(first, BN[dims](2 * channels), second, BN[dims](channels))
     fused = fused_exactly(model, sample(seed, 1, channels, *[size] * dims), allow_costlier=True)
-    assert (convs(fused), batchnorms(fused)) == (1, 0)
+    # one layer: a conv, or a BatchNorm where the chain is a per-channel map (1 channel, 1x1 taps)
+    assert convs(fused) + batchnorms(fused) == 1
 
 
 @few
