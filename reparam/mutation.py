@@ -11,7 +11,8 @@ on the model and updated in forward (`self.buf.add_(1)`) is no constant a kernel
 * methods and functions ending in `_` (`x.add_(c)`, `x.relu_()`, `torch.relu_(x)`, `x.copy_(y)`);
 * calls with `inplace=True` (`F.relu(x, inplace=True)`, positional or keyword);
 * modules with `inplace=True` (`nn.ReLU(inplace=True)`, `nn.Hardswish(inplace=True)`);
-* `operator.setitem` (`x[..., :p] = v`);
+* `operator.setitem` (`x[..., :p] = v`) and augmented assignment on a tensor seen by other
+  names (`z = y; z += t`, recorded as `operator.iadd` by reparam's tracer);
 
 and treats a write to a view (`view`, `reshape`, slicing, `transpose`, `chunk`...) as a write to
 every tensor it aliases. `crossed(region, end)` names the first mutation the region would read
@@ -43,6 +44,14 @@ _VIEWS = {
 }  # fmt: skip
 
 
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def is_view(node: Node) -> bool:
+    """Whether `node` returns a view of its first argument (so writing to it writes to that too)."""
+    return node.target in _VIEWS
+
+
 def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
     """The tensor `node` writes to in place, or None if it writes nothing."""
     if not node.args or not isinstance(node.args[0], Node):
@@ -55,7 +64,7 @@ def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
         return node.args[0] if name.endswith("_") and not name.startswith("__") else None
     if node.op != "call_function":
         return None
-    if target is operator.setitem:
+    if target is operator.setitem or target in _AUGMENTED:
         return node.args[0]
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.startswith("__"):

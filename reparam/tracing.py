@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .borders import pad_with_border
 from .context import runs_more_than_its_class
 from .errors import InvalidArgumentError, NotTraceableError
+from .mutation import is_view
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
 from .sharing import share, unshare
@@ -78,11 +79,50 @@ class _LeafTracer(torch.fx.Tracer):
             raise
 
 
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[torch.fx.Proxy, Any], torch.fx.Proxy]:
+    def assign(self: torch.fx.Proxy, other: Any) -> torch.fx.Proxy:
+        self.node = self.tracer.create_proxy("call_function", op, (self, other), {}).node
+        return self  # every name bound to this tensor now reads the updated value, as in eager
+
+    return assign
+
+
 class _AssignableProxy(torch.fx.Proxy):
-    """A Proxy that records item assignment (`y[:, :, :p] = v`) as an `operator.setitem` node."""
+    """A Proxy that records item assignment (`y[:, :, :p] = v`) as an `operator.setitem` node, and
+    augmented assignment (`y += t`) as the in-place op it is on a tensor.
+
+    torch.fx's own Proxy turns `z += t` into `z = z + t`: a new value bound to `z` alone, so after
+    `z = y; z += t`, `y` keeps the old value where eager PyTorch changed `y` too. Here the one
+    Proxy object that every alias holds moves to the `operator.iadd` node instead;
+    `out_of_place_augmented_assignments` then writes it as `z + t` wherever nothing else can see
+    the difference.
+    """
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    __iadd__ = _augmented(operator.iadd)
+    __isub__ = _augmented(operator.isub)
+    __imul__ = _augmented(operator.imul)
+    __itruediv__ = _augmented(operator.itruediv)
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}  # fmt: skip
+
+
+def out_of_place_augmented_assignments(graph: torch.fx.Graph) -> None:
+    """`a += b` as `a + b` where the write cannot be seen: `a` is an intermediate value (not an input,
+    a stored tensor or a view of another tensor) that no node reads after it."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], Node):
+            continue
+        written = node.args[0]
+        intermediate = written.op in ("call_module", "call_function", "call_method") and not is_view(written)
+        read_after = any(position[user] > position[node] for user in written.users)
+        if intermediate and not read_after:
+            node.target = _OUT_OF_PLACE[node.target]
 
 
 _FAILED_IN = "_reparam_failed_in"
@@ -128,6 +168,7 @@ def trace(
             "once while tracing and leaves it out of the graph, so the traced graph would not compute what forward "
             "does"
         )
+    out_of_place_augmented_assignments(graph)
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None

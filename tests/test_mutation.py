@@ -166,3 +166,67 @@ def test_a_layer_with_hooks_is_kept_with_its_hooks(kind):
     [refusal] = report.refused(Reason.HOOKED_MODULE)
     assert refusal.nodes == ("1",) and batchnorms(fused) == 1
     assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64))
+
+
+class AugmentedThroughAlias(nn.Module):
+    """`z = y; z += t; return y`: eager PyTorch changes `y` too (torch.fx alone would return the old `y`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = y
+        z += self.b(x)
+        return y
+
+
+def test_augmented_assignment_through_an_alias_updates_every_name_as_in_eager():
+    model = randomize_batchnorm(AugmentedThroughAlias()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and "branch_sum" in report.fusions[0].rules
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
+
+
+class AugmentedView(nn.Module):
+    """`v = y[:, :2]; v += 1`: a write to part of y, which the BN then reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        v = y[:, :2]
+        v += 1.0
+        return self.bn(y)
+
+
+def test_augmented_assignment_to_a_view_is_a_write_the_bn_is_not_folded_across():
+    model = randomize_batchnorm(AugmentedView()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert "iadd" in {str(getattr(n.target, "__name__", n.target)) for n in fused.graph.nodes}  # kept in place
+    assert batchnorms(fused) == 1 and report.refusals  # the view's reader keeps conv and BN apart, reported
+    assert_same_function(model, fused, torch.randn(2, 3, 5, 6, dtype=torch.float64))
+
+
+class AugmentedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x += 1.0  # writes to the caller's tensor, in eager and in the fused model alike
+        return self.bn(self.conv(x))
+
+
+def test_augmented_assignment_to_the_input_still_writes_to_it():
+    model = randomize_batchnorm(AugmentedInput()).double().eval()
+    fused = reparam.fuse(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    mine, theirs = x.clone(), x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(mine), model(theirs))
+    torch.testing.assert_close(mine, x + 1.0)
