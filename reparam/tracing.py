@@ -11,6 +11,7 @@ reported with the tracer's reason).
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .borders import pad_with_border
@@ -168,6 +170,13 @@ def trace(
             "once while tracing and leaves it out of the graph, so the traced graph would not compute what forward "
             "does"
         )
+    optional = _optional_arguments_read(model, graph, concrete_args)
+    if optional and _branches_on_none(model, graph, rules, leaf_modules, concrete_args, optional):
+        raise NotTraceableError(
+            f"{type(model).__name__}.forward reads its optional argument(s) {', '.join(optional)} and also runs "
+            "without them: a trace keeps only one of the two cases (`if skip is not None` is not recorded), so "
+            "the graph would not compute what forward does when they are left out"
+        )
     out_of_place_augmented_assignments(graph)
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
@@ -175,6 +184,43 @@ def trace(
     gm = GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["reparam_kept"] = tracer.kept
     return gm
+
+
+def _optional_arguments_read(
+    model: nn.Module, graph: torch.fx.Graph, concrete_args: dict[str, Any] | None
+) -> list[str]:
+    """The arguments of `model.forward` that default to None and that the traced graph reads."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    optional = {n for n, p in parameters.items() if p.default is None and n not in (concrete_args or {})}
+    return [str(n.target) for n in graph.nodes if n.op == "placeholder" and str(n.target) in optional and n.users]
+
+
+def _branches_on_none(
+    model: nn.Module,
+    graph: torch.fx.Graph,
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]],
+    concrete_args: dict[str, Any] | None,
+    optional: list[str],
+) -> bool:
+    """Whether `model`'s forward, traced with the `optional` arguments left as None, runs other ops than `graph`.
+
+    Then forward decides on them in Python (`if skip is not None`), which no one graph records.
+    Where it runs the same ops (`y + skip` whatever skip is), the graph is what forward does.
+    """
+    try:
+        without = trace(model, rules, leaf_modules, {**(concrete_args or {}), **dict.fromkeys(optional)})
+    except NotTraceableError:
+        return False
+    return _ops(without.graph) != _ops(graph)
+
+
+def _ops(graph: torch.fx.Graph) -> list[tuple[str, Any]]:
+    skipped = ("placeholder", "output")
+    return [(n.op, n.target) for n in graph.nodes if n.op not in skipped and n.target is not _assert_is_none]
 
 
 def _first_line(error: BaseException) -> str:
@@ -280,7 +326,7 @@ def fuse_tree(
     except NotTraceableError as error:
         cause = error.__cause__
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if cause else str(error)
-        report = FuseReport(untraced=[Untraced(path or "<model>", type(module).__name__, reason)])
+        report = FuseReport(untraced=[Untraced(path.rstrip(".") or "<model>", type(module).__name__, reason)])
         report.extend(_fuse_children(module, run, rules, leaf_modules, path))
         return module, report
     return _fuse_traced(gm, run, example_inputs, path)

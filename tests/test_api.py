@@ -242,3 +242,60 @@ def test_an_invalid_argument_is_also_a_type_or_value_error():
     assert issubclass(reparam.InvalidArgumentError, TypeError) and issubclass(reparam.InvalidArgumentError, ValueError)
     with pytest.raises(TypeError):
         reparam.fuse(None)
+
+
+class OptionalSkip(nn.Module):
+    """`if skip is not None`: torch.fx records one of the two cases, and says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = RepVGGBlock(4, 4)  # keeps the shape, so skip can be x
+
+    def forward(self, x, skip=None):
+        y = self.body(x)
+        if skip is not None:
+            y = y + skip
+        return y
+
+
+class AlwaysSkip(OptionalSkip):
+    def forward(self, x, skip=None):
+        return self.body(x) + skip  # the same ops whatever skip is: one graph is what forward does
+
+
+class CallsBothWays(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = OptionalSkip()
+
+    def forward(self, x):
+        return self.inner(x, x) if x.sum() > 0 else self.inner(x)  # untraceable: inner is fused standalone
+
+
+def test_a_forward_that_branches_on_an_optional_argument_is_kept_and_works_both_ways():
+    model = randomize_batchnorm(OptionalSkip()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    [untraced] = report.untraced
+    assert untraced.module == "<model>" and "optional argument(s) skip" in untraced.reason
+    assert convs(fused) == 1  # the block inside still fuses
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert_same_function(model, fused, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, x), model(x, x))
+
+
+def test_an_optional_argument_read_the_same_way_either_way_still_traces():
+    model = randomize_batchnorm(AlwaysSkip()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert not report.untraced and isinstance(fused, torch.fx.GraphModule)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, x), model(x, x))
+
+
+def test_a_child_called_with_and_without_its_optional_argument_works_both_ways():
+    model = randomize_batchnorm(CallsBothWays()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [u.module for u in report.untraced] == ["<model>", "inner"]
+    for x in [torch.rand(1, 4, 5, 5).double(), -torch.rand(1, 4, 5, 5).double()]:
+        assert_same_function(model, fused, x)
