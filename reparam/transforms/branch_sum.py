@@ -8,7 +8,7 @@ the weights and biases adding once embedded into a common geometry (VI). A branc
 linear region of x: conv, conv+BN, BN alone, a chain, another sum (so chained sums of any
 length fold), or x itself (`x + f(x)`: the identity kernel, written with any number of groups).
 Recognised in every spelling: `a + b`, `operator.add`, `torch.add` (without `alpha`), `Tensor.add`,
-`a += b` (which torch.fx records as an add), and `sum([...])` (with the shift rule for its
+`a += b` (an add where nothing else sees the write, see tracing.py), and `sum([...])` (with the shift rule for its
 leading `0 + ...`, see scale.py). A difference is a sum with the second branch negated,
 
     K1(x) - K2(x) = (K1 + (-K2))(x),
