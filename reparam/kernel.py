@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import FusionRefused, Reason
+from .layers import AnyRankBatchNorm
 
 _CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_CLASSES: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -554,13 +555,17 @@ class Kernel:
     def to_batchnorm(self) -> nn.Module:
         """An eval-mode `nn.BatchNormNd` computing this per-channel kernel (`is_channelwise`), in the original dtype.
 
+        Where the input's rank is unknown (`dims_known` false), an `AnyRankBatchNorm`, which
+        takes any rank, as the layers it replaces did.
+
         `y = (x - 0) / sqrt(1 + 0) * s + t`: weight `s`, bias `t`, running mean 0, variance 1, eps 0.
         One BatchNorm is a single fused kernel in eager, Inductor and ONNX runtimes, and they fold
         it into a neighbouring conv; a depthwise 1x1 conv of the same map is several times slower.
         """
         if not self.is_channelwise:
             raise ValueError("to_batchnorm needs a per-channel kernel (pointwise and depthwise)")
-        bn = _BATCHNORM_CLASSES[max(self.spatial_dims, 1)](self.out_channels, eps=0.0, device="meta")
+        kind = _BATCHNORM_CLASSES[max(self.spatial_dims, 1)] if self.dims_known else AnyRankBatchNorm
+        bn = kind(self.out_channels, eps=0.0, device="meta")
         bn.weight = nn.Parameter(self._fresh(self.weight.reshape(self.out_channels)))
         bn.bias = nn.Parameter(self._fresh(self.bias))
         bn.register_buffer("running_mean", torch.zeros(self.out_channels, dtype=self.dtype, device=self.device))

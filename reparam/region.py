@@ -199,14 +199,22 @@ def plan(region: Region, allow_costlier: bool = False) -> tuple[Plan, Cost]:
     both convs but still absorbs each one's BatchNorm. With `allow_costlier`, a region of more
     than one layer is always one conv.
     """
-    if allow_costlier and not isinstance(region, Leaf) and region.kernel.dims_known:
+    if allow_costlier and not isinstance(region, Leaf) and _writable(region.kernel):
         return Fuse(region), Cost.of(region.kernel)
     return _plan(region, allow_fusion=True)
 
 
+def _writable(kernel: Kernel) -> bool:
+    """One layer can be written for `kernel`: a conv of known rank, or a per-channel map of any rank (a BatchNorm).
+
+    A kernel of unknown rank that mixes channels or positions (BatchNorm1d composed with a conv
+    whose rank reparam cannot see) has no one layer that is exact on every input.
+    """
+    return kernel.dims_known or kernel.is_channelwise
+
+
 def _can_fuse(kernel: Kernel, allow_fusion: bool) -> bool:
-    """A conv can be written for `kernel` (a per-channel map of unknown rank, BatchNorm1d-only, cannot)."""
-    return allow_fusion and kernel.dims_known
+    return allow_fusion and _writable(kernel)
 
 
 def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
@@ -262,7 +270,7 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
         options = []  # fused segments first: on a tie in cost, fewer ops win
         for start, kernel in segments.items():
             fused = Cost.of(kernel).at_density(densities[start])
-            if kernel.dims_known and fused.no_more_than(written[end] - written[start]):
+            if _writable(kernel) and fused.no_more_than(written[end] - written[start]):
                 options.append((best[start][0] + fused, start, kernel))
         options.append((best[end - 1][0] + single_costs[end - 1], end - 1, None))
         best.append(min(options, key=lambda option: option[0].key))

@@ -331,3 +331,21 @@ def test_unexported_drops_eval_noops() -> None:
         assert conv_count(fused) == 1 and bn_count(fused) == 0
         with torch.no_grad():
             assert relative_error(fused.module()(x), model(x)) < 1e-5
+
+
+class HalvedNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x) / 2
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 7), (3, 4), (2, 4, 5)])
+def test_fuse_exported_writes_a_per_channel_map_of_unknown_rank_as_one_batchnorm(shape) -> None:
+    model = randomize_batchnorm(HalvedNorm()).eval()
+    x = torch.randn(*shape)  # (N, C, L) with N == C was once an aten.conv2d, which reads it as unbatched
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)))
+    assert conv_count(fused) == 0 and bn_count(fused) == 1
+    assert torch.allclose(fused.module()(x), model(x), atol=1e-6)

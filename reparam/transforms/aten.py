@@ -40,7 +40,7 @@ from ..rules import LinearLayer, PatternRule
 from .avg_pool import pool_kernel
 from .concat import concat
 from .functional import batch_norm_kernel
-from .scale import per_channel
+from .scale import affine_like, per_channel
 
 aten = torch.ops.aten
 x = Var("x")
@@ -169,7 +169,7 @@ def _times(kernel: Kernel, factor: float) -> Kernel:
     if factor == 1:
         return kernel
     scale = torch.full((kernel.out_channels,), float(factor), dtype=torch.float64, device=kernel.device)
-    return kernel.then(Kernel.affine(scale, torch.zeros_like(scale), kernel.spatial_dims))
+    return kernel.then(affine_like(scale, torch.zeros_like(scale), kernel))
 
 
 def branch_sum(m: Match) -> Kernel:
@@ -191,7 +191,7 @@ def shift(m: Match) -> Kernel:
     t = per_channel(m.value("t"), kernel) * (_alpha(node) if first else 1)
     if not first:  # t + alpha * f(x)
         kernel = _times(kernel, _alpha(node))
-    return kernel.then(Kernel.affine(torch.ones_like(t), t, kernel.spatial_dims))
+    return kernel.then(affine_like(torch.ones_like(t), t, kernel))
 
 
 def scale(m: Match) -> Kernel:
@@ -200,7 +200,7 @@ def scale(m: Match) -> Kernel:
     s = per_channel(m.value("s"), kernel)
     if m.node("op").target in _DIV:
         s = 1 / s
-    return kernel.then(Kernel.affine(s, torch.zeros_like(s), kernel.spatial_dims))
+    return kernel.then(affine_like(s, torch.zeros_like(s), kernel))
 
 
 _MUL = (aten.mul.Tensor, aten.mul.Scalar)

@@ -50,7 +50,7 @@ def per_channel(constant: object, like: Kernel) -> torch.Tensor:
 def scale(m: Match) -> Kernel:
     kernel = m.kernel("a")
     s = per_channel(m.value("s"), kernel)
-    return kernel.then(_affine(s, torch.zeros_like(s), kernel))
+    return kernel.then(affine_like(s, torch.zeros_like(s), kernel))
 
 
 def divide(m: Match) -> Kernel:
@@ -58,34 +58,34 @@ def divide(m: Match) -> Kernel:
         raise FusionRefused(Reason.GEOMETRY, "a division with a rounding mode is not linear")
     kernel = m.kernel("a")
     s = per_channel(m.value("s"), kernel)
-    return kernel.then(_affine(1 / s, torch.zeros_like(s), kernel))
+    return kernel.then(affine_like(1 / s, torch.zeros_like(s), kernel))
 
 
 def shift(m: Match) -> Kernel:
     kernel = m.kernel("a")
     t = per_channel(m.value("t"), kernel)
-    return kernel.then(_affine(torch.ones_like(t), t, kernel))
+    return kernel.then(affine_like(torch.ones_like(t), t, kernel))
 
 
 def shift_down(m: Match) -> Kernel:
     """`f(x) - t`."""
     kernel = m.kernel("a")
     t = per_channel(m.value("t"), kernel)
-    return kernel.then(_affine(torch.ones_like(t), -t, kernel))
+    return kernel.then(affine_like(torch.ones_like(t), -t, kernel))
 
 
 def subtracted_from(m: Match) -> Kernel:
     """`t - f(x)`."""
     kernel = -m.kernel("a")
     t = per_channel(m.value("t"), kernel)
-    return kernel.then(_affine(torch.ones_like(t), t, kernel))
+    return kernel.then(affine_like(torch.ones_like(t), t, kernel))
 
 
 def negation(m: Match) -> Kernel:
     return -m.kernel("a")
 
 
-def _affine(scale: torch.Tensor, shift: torch.Tensor, like: Kernel) -> Kernel:
+def affine_like(scale: torch.Tensor, shift: torch.Tensor, like: Kernel) -> Kernel:
     """The per-channel map, shaped like `like` (and as sure of its rank)."""
     return replace(Kernel.affine(scale, shift, like.spatial_dims), dtype=like.dtype, dims_known=like.dims_known)
 
