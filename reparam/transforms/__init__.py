@@ -9,7 +9,7 @@ same transforms spelled as torch.export's aten operators (for `reparam.fuse_expo
 
 from .aten import ATEN_RULES
 from .avg_pool import AVG_POOL, POOLED_LAYER
-from .branch_sum import DIFFERENCE, SUM
+from .branch_sum import DIFFERENCE, SUM, SUM_WITH_ALPHA
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
@@ -35,6 +35,7 @@ BUILTIN_RULES = (
     AVG_POOL,
     SUM,
     DIFFERENCE,
+    SUM_WITH_ALPHA,
     SCALE,
     DIVIDE,
     NEGATION,
@@ -68,6 +69,7 @@ __all__ = [
     "SHIFT_DOWN",
     "SUBTRACTED_FROM",
     "SUM",
+    "SUM_WITH_ALPHA",
     "TOKEN_LINEAR_BN",
     "TRANSPOSED_CONV",
 ]

@@ -14,7 +14,8 @@ leading `0 + ...`, see scale.py). A difference is a sum with the second branch n
     K1(x) - K2(x) = (K1 + (-K2))(x),
 
 in every spelling too (`a - b`, `torch.sub`, `Tensor.sub`): FastViT's RepMixer
-`x + s * (mixer(x) - norm(x))` is one depthwise conv.
+`x + s * (mixer(x) - norm(x))` is one depthwise conv. With `alpha` (`torch.add(a, b, alpha=k)`,
+`a.sub(b, alpha=k)`), the second branch is scaled first: `K1 + k K2`, `K1 - k K2`.
 
 Exact condition: the branches share a stride, their outputs align pixel for pixel and their
 padding modes agree (VI), otherwise `strides differ`, `outputs not aligned`, `padding mode`.
@@ -24,9 +25,16 @@ Paper: X. Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 202
 al., "Diverse Branch Block", CVPR 2021 (transform II).
 """
 
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import Add, Linear, Match, Sub, Var
+from ..patterns import Add, Call, Linear, Match, Sub, Var
 from ..rules import PatternRule
+from .scale import affine_like
 
 x = Var("x")
 
@@ -43,3 +51,29 @@ def branch_difference(m: Match) -> Kernel:
 
 
 DIFFERENCE = PatternRule("branch_difference", Sub(Linear(x, "a"), Linear(x, "b")), branch_difference)
+
+
+class _WithAlpha(Call):
+    """`torch.add` / `torch.sub` (function or method) of two operands with an `alpha` other than 1."""
+
+    def accepts(self, node: Node, ctx: Any) -> bool:
+        alpha = node.kwargs.get("alpha", 1)
+        return super().accepts(node, ctx) and len(node.args) == 2 and set(node.kwargs) == {"alpha"} and alpha != 1
+
+
+def branch_sum_with_alpha(m: Match) -> Kernel:
+    node = m.node("op")
+    alpha = node.kwargs["alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise FusionRefused(Reason.NOT_CONSTANT, f"alpha={alpha!r} is not a number")
+    factor = -alpha if node.target in (torch.sub, "sub") else alpha
+    b = m.kernel("b")
+    scale = torch.full((b.out_channels,), float(factor), dtype=torch.float64, device=b.device)
+    return m.kernel("a") + b.then(affine_like(scale, torch.zeros_like(scale), b))
+
+
+SUM_WITH_ALPHA = PatternRule(
+    "branch_sum_with_alpha",
+    _WithAlpha((torch.add, torch.sub, "add", "sub"), Linear(x, "a"), Linear(x, "b"), name="op"),
+    branch_sum_with_alpha,
+)

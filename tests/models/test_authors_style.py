@@ -165,18 +165,28 @@ def test_differences_and_negations_fold_in_every_spelling(spelling):
     assert_same_function(model, fused, torch.randn(2, 4, 6, 5, dtype=torch.float64))
 
 
-def test_sub_with_alpha_is_left_as_written():
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda a, b: torch.sub(a, b, alpha=2),
+        lambda a, b: a.sub(b, alpha=0.5),
+        lambda a, b: torch.add(a, b, alpha=-3),
+        lambda a, b: a.add(b, alpha=2),
+    ],
+    ids=["torch.sub", "Tensor.sub", "torch.add", "Tensor.add"],
+)
+def test_add_and_sub_with_alpha_scale_the_second_branch(spelling):
     class Alpha(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b = ConvBN(4, 3), ConvBN(4, 1)
 
         def forward(self, x):
-            return torch.sub(self.a(x), self.b(x), alpha=2)
+            return spelling(self.a(x), self.b(x))
 
     model = randomize_batchnorm(Alpha()).double().eval()
-    fused = reparam.fuse(model)
-    assert convs(fused) + batchnorms(fused) == 2  # each branch fused on its own (b, a per-channel map: a BN)
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and "branch_sum_with_alpha" in report.fusions[0].rules
     assert_same_function(model, fused, torch.randn(1, 4, 5, 5, dtype=torch.float64))
 
 

@@ -153,8 +153,19 @@ class ScaledSum(nn.Module):
         return torch.add(self.a(x), self.b(x), alpha=2)
 
 
-def test_add_with_alpha_is_left_alone():
+def test_add_with_alpha_scales_the_second_branch():
     model = ScaledSum().double().eval()
     fused = reparam.fuse(model)
-    assert convs(fused) == 2
-    assert_same_function(model, fused, torch.randn(1, 3, 4, 4, dtype=torch.float64), rtol=0)
+    assert convs(fused) == 1
+    assert_same_function(model, fused, torch.randn(1, 3, 4, 4, dtype=torch.float64))
+
+
+class TensorAlpha(ScaledSum):
+    def forward(self, x):
+        return torch.add(self.a(x), self.b(x), alpha=torch.tensor(2.0))  # not a number: left as written
+
+
+def test_an_alpha_that_is_not_a_number_is_left_as_written():
+    model = TensorAlpha().double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert convs(fused) == 2 and [r.reason for r in report.refusals] == [reparam.Reason.NOT_CONSTANT]
