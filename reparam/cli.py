@@ -40,7 +40,7 @@ from torch import nn
 
 from . import demo, stats
 from .api import fuse_with_report
-from .errors import ReparamError
+from .errors import ReparamError, first_line
 from .report import FuseReport
 from .verify import TOLERANCE
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error("interrupted; every output file was left as it was", EXIT_INTERRUPTED)
     except Exception as error:  # a bug: still one line, with what a report needs
         return _error(
-            f"unexpected {type(error).__name__} ({_first_line(error)}); this is a bug in reparam: please report "
+            f"unexpected {type(error).__name__} ({first_line(error)}); this is a bug in reparam: please report "
             "it with the command line and the model's source",
             EXIT_ERROR,
         )
@@ -163,11 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 def _error(message: str, status: int) -> int:
     print(f"reparam: error: {message}", file=sys.stderr)
     return status
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class _Progress:
@@ -281,7 +276,7 @@ def _damage(path: Path) -> tuple[str, str] | None:
             with zipfile.ZipFile(path) as archive:
                 broken = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as error:
-            return f"its zip archive cannot be read ({_first_line(error)})", _CUT_SHORT
+            return f"its zip archive cannot be read ({first_line(error)})", _CUT_SHORT
         return (f"its zip archive is damaged ({broken} fails its checksum)", _CUT_SHORT) if broken else None
     if not head.startswith(b"\x80"):  # every pickle protocol torch.save writes starts with PROTO
         return f"it is neither a zip archive nor a pickle (it starts with {head!r})", _NOT_A_MODEL
@@ -289,7 +284,7 @@ def _damage(path: Path) -> tuple[str, str] | None:
         for _ in pickletools.genops(path.read_bytes()):
             pass
     except (ValueError, EOFError, IndexError) as error:
-        return f"it is a truncated or damaged pickle ({_first_line(error)})", _CUT_SHORT
+        return f"it is a truncated or damaged pickle ({first_line(error)})", _CUT_SHORT
     return None
 
 
@@ -297,7 +292,7 @@ def _unreadable(path: Path, error: BaseException) -> CliError:
     damage = _damage(path)
     if damage:
         return CliError(f"{path} cannot be read as a model: {damage[0]}. {damage[1]}")
-    return CliError(f"{path} is not a file torch.load can read ({type(error).__name__}: {_first_line(error)})")
+    return CliError(f"{path} is not a file torch.load can read ({type(error).__name__}: {first_line(error)})")
 
 
 def load(path: Path, trust_pickle: bool) -> nn.Module | torch.export.ExportedProgram:
@@ -586,7 +581,7 @@ def _write(result: _Result, out: Path) -> str:
             program = torch.export.export(result.fused, result.example)
         except Exception as error:
             raise CliError(
-                f"torch.export failed on the fused model ({type(error).__name__}: {_first_line(error)}); write a "
+                f"torch.export failed on the fused model ({type(error).__name__}: {first_line(error)}); write a "
                 ".pt file instead (a pickled GraphModule)"
             ) from error
         torch.export.save(program, out)

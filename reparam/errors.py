@@ -72,3 +72,9 @@ class InvalidPatternError(ReparamError):
 
 class RuleOverwriteWarning(UserWarning):
     """A registration replaced a rule of the same name in the same rule set."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line reports."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

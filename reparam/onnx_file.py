@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.export import Dim
 
-from .errors import ReparamError
+from .errors import ReparamError, first_line
 
 _SPATIAL_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
@@ -60,7 +60,7 @@ def write_onnx(
             torch.onnx.export(model, example, str(path), **options)
         except Exception as error:
             hint = "" if shapes is None else "; with dynamic dims failing, try --static"
-            raise OnnxExportError(f"torch.onnx.export failed ({type(error).__name__}: {_first_line(error)}){hint}")
+            raise OnnxExportError(f"torch.onnx.export failed ({type(error).__name__}: {first_line(error)}){hint}")
     proto = onnx.load(str(path))
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and written != opset:
@@ -109,8 +109,3 @@ def _name_dims(proto: Any, example: tuple[Any, ...]) -> None:
             for d in value.type.tensor_type.shape.dim:
                 if d.dim_param in renamed:
                     d.dim_param = renamed[d.dim_param]
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .borders import pad_with_border
 from .context import runs_more_than_its_class
-from .errors import InvalidArgumentError, NotTraceableError
+from .errors import InvalidArgumentError, NotTraceableError, first_line
 from .mutation import is_view
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
@@ -96,7 +96,7 @@ class _AssignableProxy(torch.fx.Proxy):
     torch.fx's own Proxy turns `z += t` into `z = z + t`: a new value bound to `z` alone, so after
     `z = y; z += t`, `y` keeps the old value where eager PyTorch changed `y` too. Here the one
     Proxy object that every alias holds moves to the `operator.iadd` node instead;
-    `out_of_place_augmented_assignments` then writes it as `z + t` wherever nothing else can see
+    `_out_of_place_augmented_assignments` then writes it as `z + t` wherever nothing else can see
     the difference.
     """
 
@@ -113,7 +113,7 @@ _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, opera
                  operator.itruediv: operator.truediv}  # fmt: skip
 
 
-def out_of_place_augmented_assignments(graph: torch.fx.Graph) -> None:
+def _out_of_place_augmented_assignments(graph: torch.fx.Graph) -> None:
     """`a += b` as `a + b` where the write cannot be seen: `a` is an intermediate value (not an input,
     a stored tensor or a view of another tensor) that no node reads after it."""
     position = {node: i for i, node in enumerate(graph.nodes)}
@@ -163,7 +163,8 @@ def trace(
                         "Pass the offending submodule types as leaf_modules=..., fixed arguments as "
                         "concrete_args=..., or let fuse descend into the traceable submodules"
                     ) from error
-                untraceable[type(failed)] = f"its forward does not trace ({type(error).__name__}: {_first_line(error)})"
+                reason = f"{type(error).__name__}: {first_line(error)[:160]}"
+                untraceable[type(failed)] = f"its forward does not trace ({reason})"
     if written:
         raise NotTraceableError(
             f"{type(model).__name__}.forward writes in place to {', '.join(written)}: torch.fx runs such a write "
@@ -177,7 +178,7 @@ def trace(
             "without them: a trace keeps only one of the two cases (`if skip is not None` is not recorded), so "
             "the graph would not compute what forward does when they are left out"
         )
-    out_of_place_augmented_assignments(graph)
+    _out_of_place_augmented_assignments(graph)
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None
@@ -221,11 +222,6 @@ def _branches_on_none(
 def _ops(graph: torch.fx.Graph) -> list[tuple[str, Any]]:
     skipped = ("placeholder", "output")
     return [(n.op, n.target) for n in graph.nodes if n.op not in skipped and n.target is not _assert_is_none]
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:160] if lines else type(error).__name__
 
 
 @contextmanager
@@ -324,12 +320,24 @@ def fuse_tree(
     try:
         gm = trace(module, rules, leaf_modules, concrete_args)
     except NotTraceableError as error:
-        cause = error.__cause__
-        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if cause else str(error)
-        report = FuseReport(untraced=[Untraced(path.rstrip(".") or "<model>", type(module).__name__, reason)])
-        report.extend(_fuse_children(module, run, rules, leaf_modules, path))
-        return module, report
+        return _kept_as_written(module, error, run, rules, leaf_modules, path)
     return _fuse_traced(gm, run, example_inputs, path)
+
+
+def _kept_as_written(
+    module: nn.Module,
+    error: NotTraceableError,
+    run: Callable[[GraphModule], FuseReport],
+    rules: Sequence[Rule],
+    leaf_modules: Sequence[type[nn.Module]],
+    path: str,
+) -> tuple[nn.Module, FuseReport]:
+    """`module`, whose forward did not trace (`error`), reported so, with the layers inside it fused in place."""
+    cause = error.__cause__
+    reason = f"{type(cause).__name__}: {first_line(cause)[:160]}" if cause else str(error)
+    report = FuseReport(untraced=[Untraced(path.rstrip(".") or "<model>", type(module).__name__, reason)])
+    report.extend(_fuse_children(module, run, rules, leaf_modules, path))
+    return module, report
 
 
 def fuse_copy(
@@ -344,12 +352,12 @@ def fuse_copy(
 
     A model whose forward traces is fused on its trace, which shares its layers until fusion is
     done; then only what the fused model keeps of them is copied (`sharing`). One that does not
-    trace has its children fused in place, so it is copied whole first.
+    trace has its children fused in place, so it is copied whole first (and not traced again).
     """
     try:
         gm = trace(model, rules, leaf_modules, concrete_args)
-    except NotTraceableError:
-        return fuse_tree(copy.deepcopy(model), run, rules, leaf_modules, concrete_args, "", example_inputs)
+    except NotTraceableError as error:
+        return _kept_as_written(copy.deepcopy(model), error, run, rules, leaf_modules, "")
     share(gm, model)
     fused, report = _fuse_traced(gm, run, example_inputs, "")
     unshare(gm)
@@ -368,7 +376,7 @@ def _fuse_traced(
             cause = error.__cause__ or error
             raise InvalidArgumentError(
                 f"the example inputs do not run through the original model ({type(cause).__name__}: "
-                f"{str(cause).splitlines()[0]}); pass example_inputs=(...) or input_shape=(...) that its "
+                f"{first_line(cause)}); pass example_inputs=(...) or input_shape=(...) that its "
                 "forward accepts"
             ) from error
     report = run(gm)

@@ -40,7 +40,7 @@ from ..rules import LinearLayer, PatternRule
 from .avg_pool import pool_kernel
 from .concat import concat
 from .functional import batch_norm_kernel
-from .scale import affine_like, per_channel
+from .scale import affine_like, alpha_factor, per_channel, times
 
 aten = torch.ops.aten
 x = Var("x")
@@ -158,23 +158,12 @@ _SUB = (aten.sub.Tensor, aten.sub.Scalar)
 
 
 def _alpha(node: Node) -> float:
-    """The factor of the second operand: `add(a, b, alpha)` is `a + alpha * b`, `sub` is `a - alpha * b`."""
-    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise FusionRefused(Reason.NOT_CONSTANT, f"alpha={alpha!r} is not a number")
-    return -alpha if node.target in _SUB else alpha
-
-
-def _times(kernel: Kernel, factor: float) -> Kernel:
-    if factor == 1:
-        return kernel
-    scale = torch.full((kernel.out_channels,), float(factor), dtype=torch.float64, device=kernel.device)
-    return kernel.then(affine_like(scale, torch.zeros_like(scale), kernel))
+    return alpha_factor(node, subtracts=node.target in _SUB)
 
 
 def branch_sum(m: Match) -> Kernel:
     """`aten.add.Tensor(a, b, alpha=1)`: `a + alpha * b` (and `aten.sub.Tensor`: `a - alpha * b`)."""
-    return m.kernel("a") + _times(m.kernel("b"), _alpha(m.node("op")))
+    return m.kernel("a") + times(m.kernel("b"), _alpha(m.node("op")))
 
 
 SUM = PatternRule(
@@ -190,7 +179,7 @@ def shift(m: Match) -> Kernel:
     first = node.args[0] is m.node("a")
     t = per_channel(m.value("t"), kernel) * (_alpha(node) if first else 1)
     if not first:  # t + alpha * f(x)
-        kernel = _times(kernel, _alpha(node))
+        kernel = times(kernel, _alpha(node))
     return kernel.then(affine_like(torch.ones_like(t), t, kernel))
 
 

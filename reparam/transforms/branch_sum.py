@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
 from ..patterns import Add, Call, Linear, Match, Sub, Var
 from ..rules import PatternRule
-from .scale import affine_like
+from .scale import alpha_factor, times
 
 x = Var("x")
 
@@ -63,13 +62,7 @@ class _WithAlpha(Call):
 
 def branch_sum_with_alpha(m: Match) -> Kernel:
     node = m.node("op")
-    alpha = node.kwargs["alpha"]
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise FusionRefused(Reason.NOT_CONSTANT, f"alpha={alpha!r} is not a number")
-    factor = -alpha if node.target in (torch.sub, "sub") else alpha
-    b = m.kernel("b")
-    scale = torch.full((b.out_channels,), float(factor), dtype=torch.float64, device=b.device)
-    return m.kernel("a") + b.then(affine_like(scale, torch.zeros_like(scale), b))
+    return m.kernel("a") + times(m.kernel("b"), alpha_factor(node, subtracts=node.target in (torch.sub, "sub")))
 
 
 SUM_WITH_ALPHA = PatternRule(

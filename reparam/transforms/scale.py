@@ -24,6 +24,7 @@ import operator
 from dataclasses import replace
 
 import torch
+from torch.fx import Node
 
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
@@ -83,6 +84,22 @@ def subtracted_from(m: Match) -> Kernel:
 
 def negation(m: Match) -> Kernel:
     return -m.kernel("a")
+
+
+def alpha_factor(node: Node, subtracts: bool) -> float:
+    """The factor of the second operand: `add(a, b, alpha=k)` is `a + k b`, `sub(a, b, alpha=k)` is `a - k b`."""
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise FusionRefused(Reason.NOT_CONSTANT, f"alpha={alpha!r} is not a number")
+    return -alpha if subtracts else alpha
+
+
+def times(kernel: Kernel, factor: float) -> Kernel:
+    """`factor * kernel(x)`, for a number `factor`."""
+    if factor == 1:
+        return kernel
+    scale = torch.full((kernel.out_channels,), float(factor), dtype=torch.float64, device=kernel.device)
+    return kernel.then(affine_like(scale, torch.zeros_like(scale), kernel))
 
 
 def affine_like(scale: torch.Tensor, shift: torch.Tensor, like: Kernel) -> Kernel:
