@@ -15,7 +15,8 @@ from torch.fx import GraphModule, Node
 
 from .errors import FusionRefused, Reason
 from .kernel import Kernel
-from .region import FREE, Cost, Region
+from .cost import FREE, Cost
+from .region import Region
 from .report import Refusal
 from .rules import Anchor, LinearLayer, Rule
 

@@ -34,25 +34,27 @@ direct child of the GraphModule (`stages.0.conv` -> `stages_0_conv`), so that th
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import chain, count
 from typing import Any
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from .borders import lower_border_writes
 from .constants import fold_constants
 from .context import Context, attribute, describe, reshapes
+from .cost import NOMINAL, Cost, Workload
 from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
 from .region import (
     AsWritten,
     Chain,
-    Cost,
     Fuse,
     Keep,
     Matched,
@@ -202,9 +204,10 @@ class Engine:
         outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions)]
         for out in outputs:
             region = ctx.regions[out]
-            chosen, cost = plan(region, self._allow_costlier)
+            load = workload(region)
+            chosen, cost = plan(region, load, self._allow_costlier)
             if not isinstance(chosen, Fuse) and len(region.sources) > 1:
-                _refuse_as_dearer(ctx, region, cost)
+                _refuse_as_dearer(ctx, region, cost, load)
             if not fuses_anything(chosen):
                 continue
             with graph.inserting_before(out):
@@ -386,14 +389,25 @@ def _mutation_refusal(op: Node, end: Node) -> FusionRefused:
     )
 
 
-def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost) -> None:
+def workload(region: Region) -> Workload:
+    """What one call of `region` sees: its input's positions and element size, where shapes were propagated."""
+    value = region.root.meta.get("tensor_meta", region.root.meta.get("val"))
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return NOMINAL
+    return Workload(max(1, math.prod(shape) // region.kernel.in_channels), dtype.itemsize)
+
+
+def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload) -> None:
     fused = Cost.of(region.kernel)
+    where = "" if load is NOMINAL else f" (on its input of {load.positions} positions)"
     ctx.refusals.append(
         Refusal(
             "engine",
             Reason.WOULD_COST_MORE,
-            f"one conv for this region would cost {float(fused.macs):g} MACs per position and {fused.params} "
-            f"parameters, against {float(kept.macs):g} and {kept.params} as emitted",
+            f"one conv for this region would take an estimated {fused.seconds(load) * 1e6:.0f} us, against "
+            f"{kept.seconds(load) * 1e6:.0f} us as emitted{where} ({float(fused.macs):g} against "
+            f"{float(kept.macs):g} MACs per position, {fused.params} against {kept.params} parameters)",
             tuple(describe(n) for n in region.sources),
         )
     )

@@ -8,8 +8,8 @@ ever built when its kernel is exact, so the remaining question is cost: `plan` d
 up, which parts become one conv and which stay as written, so that the result never costs
 more than the original.
 
-Costs are multiply-accumulates per position of the region's input tensor (a stage after a
-stride-2 conv runs on a quarter of the positions) and parameter counts.
+Costs are estimated times (`cost.py`): per position of the region's input tensor (a stage
+after a stride-2 conv runs on a quarter of the positions), priced for the `Workload` one call sees.
 """
 
 from __future__ import annotations
@@ -19,46 +19,11 @@ from fractions import Fraction
 
 from torch.fx import Node
 
+from .cost import FREE, NOMINAL, Cost, Workload
 from .errors import FusionRefused
 from .kernel import Kernel
 
 
-@dataclass(frozen=True)
-class Cost:
-    """MACs per input position and parameters of some computation."""
-
-    macs: Fraction
-    params: int
-
-    @classmethod
-    def of(cls, kernel: Kernel) -> Cost:
-        """The cost of running `kernel` as one conv."""
-        return cls(kernel.macs_per_input, kernel.params)
-
-    @classmethod
-    def elementwise(cls, kernel: Kernel) -> Cost:
-        """One operation per element of `kernel`'s output (an add, a multiply)."""
-        return cls(kernel.out_channels * kernel.output_density, 0)
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.macs + other.macs, self.params + other.params)
-
-    def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.macs - other.macs, self.params - other.params)
-
-    def at_density(self, density: Fraction) -> Cost:
-        """This cost for an input that has `density` positions per position of the region's input."""
-        return Cost(self.macs * density, self.params)
-
-    def no_more_than(self, other: Cost) -> bool:
-        return self.macs <= other.macs and self.params <= other.params
-
-    @property
-    def key(self) -> tuple[Fraction, int]:
-        return (self.macs, self.params)
-
-
-FREE = Cost(Fraction(0), 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,21 +152,25 @@ Plan = Keep | Fuse | Steps | AsWritten
 
 def original_cost(region: Region) -> Cost:
     """What the region costs as written."""
-    return _plan(region, allow_fusion=False)[1]
+    return _plan(region, NOMINAL, allow_fusion=False)[1]
 
 
-def plan(region: Region, allow_costlier: bool = False) -> tuple[Plan, Cost]:
-    """The cheapest way to emit `region`, never costing more than the region as written.
+def plan(region: Region, load: Workload = NOMINAL, allow_costlier: bool = False) -> tuple[Plan, Cost]:
+    """The fastest way to emit `region` on `load`, never estimated slower than the region as written.
 
-    A part becomes one conv only when that conv costs no more (MACs and parameters) than the
-    best way to compute its pieces; chains are split where that is cheapest (dynamic
-    programming over their segments), so a depthwise conv followed by a pointwise one keeps
-    both convs but still absorbs each one's BatchNorm. With `allow_costlier`, a region of more
-    than one layer is always one conv.
+    A part becomes one conv only when that conv's estimated time (`Cost.seconds`) is no more
+    than that of the best way to compute its pieces; chains are split where that is fastest
+    (dynamic programming over their segments), so a depthwise conv followed by a pointwise one
+    keeps both convs but still absorbs each one's BatchNorm. On a tie the fused form wins (fewer
+    ops). With `allow_costlier`, a region of more than one layer is always one conv.
     """
     if allow_costlier and not isinstance(region, Leaf) and _writable(region.kernel):
         return Fuse(region), Cost.of(region.kernel)
-    return _plan(region, allow_fusion=True)
+    return _plan(region, load, allow_fusion=True)
+
+
+def _no_slower(fused: Cost, written: Cost, load: Workload) -> bool:
+    return fused.seconds(load) <= written.seconds(load) * (1 + 1e-9)  # rounding must not break a tie
 
 
 def _writable(kernel: Kernel) -> bool:
@@ -217,16 +186,16 @@ def _can_fuse(kernel: Kernel, allow_fusion: bool) -> bool:
     return allow_fusion and _writable(kernel)
 
 
-def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
+def _plan(region: Region, load: Workload, allow_fusion: bool) -> tuple[Plan, Cost]:
     if isinstance(region, Leaf):
         return Keep(region), region.cost
     if isinstance(region, Chain):
-        return _plan_chain(region, allow_fusion)
+        return _plan_chain(region, load, allow_fusion)
     if isinstance(region, Matched):
-        parts = [(node, None if r is None else _plan(r, allow_fusion)) for node, r in region.parts]
+        parts = [(node, None if r is None else _plan(r, load, allow_fusion)) for node, r in region.parts]
         written = sum((p[1] for _, p in parts if p is not None), region.own_cost)
         fused = Cost.of(region.kernel)
-        if _can_fuse(region.kernel, allow_fusion) and fused.no_more_than(written):
+        if _can_fuse(region.kernel, allow_fusion) and _no_slower(fused, written, load):
             return Fuse(region), fused
         return AsWritten(region, tuple((node, None if p is None else p[0]) for node, p in parts)), written
     raise TypeError(f"unknown region type {type(region).__name__}")
@@ -235,8 +204,8 @@ def _plan(region: Region, allow_fusion: bool) -> tuple[Plan, Cost]:
 _WINDOW = 4  # how many parts back a fused segment may start, besides extending the last fused segment
 
 
-def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
-    """Split a chain where that is cheapest: dynamic programming over its segments, in linear time.
+def _plan_chain(region: Chain, load: Workload, allow_fusion: bool) -> tuple[Plan, Cost]:
+    """Split a chain where that is fastest: dynamic programming over its segments, in linear time.
 
     `best[end]` is the cheapest way to compute `parts[:end]`: the cheapest way to compute
     `parts[:start]` followed by either the part `parts[end - 1]` as planned alone, or one conv
@@ -251,7 +220,7 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
     densities = [Fraction(1)]
     for part in parts:
         densities.append(densities[-1] * part.kernel.output_density)
-    singles = [_plan(p, allow_fusion) for p in parts]
+    singles = [_plan(p, load, allow_fusion) for p in parts]
     single_costs = [cost.at_density(density) for (_, cost), density in zip(singles, densities)]
     written = [FREE]  # written[i]: the cost of parts[:i], each planned alone
     for cost in single_costs:
@@ -270,10 +239,10 @@ def _plan_chain(region: Chain, allow_fusion: bool) -> tuple[Plan, Cost]:
         options = []  # fused segments first: on a tie in cost, fewer ops win
         for start, kernel in segments.items():
             fused = Cost.of(kernel).at_density(densities[start])
-            if _writable(kernel) and fused.no_more_than(written[end] - written[start]):
+            if _writable(kernel) and _no_slower(fused, written[end] - written[start], load):
                 options.append((best[start][0] + fused, start, kernel))
         options.append((best[end - 1][0] + single_costs[end - 1], end - 1, None))
-        best.append(min(options, key=lambda option: option[0].key))
+        best.append(min(options, key=lambda option: option[0].seconds(load)))
     steps: list[Plan] = []
     end = len(parts)
     while end:

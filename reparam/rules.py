@@ -26,7 +26,8 @@ from torch.fx import Node
 from .errors import FusionRefused, InvalidPatternError, Reason
 from .kernel import Kernel
 from .patterns import AnyOf, Linear, Match, Pattern, State, Var, walk
-from .region import FREE, Region, chain, leaf, matched
+from .cost import FREE
+from .region import Region, chain, leaf, matched
 
 if TYPE_CHECKING:
     from .context import Context
