@@ -6,9 +6,10 @@ its shape reaches, plus the bytes it reads and writes at memory bandwidth:
     seconds = call + positions * (macs / (MAC_RATE * efficiency) + elements * itemsize / BANDWIDTH)
               + params * itemsize / BANDWIDTH
 
-`efficiency` is what fraction of a dense conv's MAC rate a conv of its shape reaches: convs with
+`efficiency` is what fraction of the full MAC rate a conv of its shape reaches: convs with
 few input channels per group (depthwise, grouped) and thin kernels (1x3) do much less work per
-cycle than a dense 3x3, so a depthwise conv is not priced by its MACs alone. MACs alone decided
+cycle than a dense 3x3, and grouped convs pay a larger fixed cost per call, so a depthwise
+conv is not priced by its MACs alone. MACs alone decided
 before, and were wrong both ways: a 1x1 + 1x3 + 3x1 sum at 32 channels was refused as dearer
 than one 3x3, which is faster (fewer calls and passes over memory), while a per-channel scale
 was emitted as a depthwise 1x1 conv, 6-50x slower than the BatchNorm it replaced.
@@ -27,13 +28,13 @@ from fractions import Fraction
 
 from .kernel import Kernel
 
-MAC_RATE = 40e9  # multiply-accumulates per second of a dense conv at full efficiency (1 CPU thread)
-BANDWIDTH = 50e9  # bytes per second read or written by elementwise kernels
-CONV_CALL = 20e-6  # seconds per conv call, whatever its size
-BATCHNORM_CALL = 20e-6  # seconds per eval BatchNorm call
+MAC_RATE = 30e9  # multiply-accumulates per second of a dense conv at full efficiency (1 CPU thread)
+BANDWIDTH = 45e9  # bytes per second read or written by elementwise kernels
+CONV_CALL = 20e-6  # seconds per dense conv call, whatever its size
+GROUPED_CONV_CALL = 150e-6  # seconds per grouped or depthwise conv call, whatever its size
+BATCHNORM_CALL = 30e-6  # seconds per eval BatchNorm call
 ELEMENTWISE_CALL = 3e-6  # seconds per add, multiply or other elementwise op
-_HALF_RATE_CHANNELS = 13  # input channels per group at which a conv reaches half the dense rate
-_HALF_RATE_TAPS = 2.5  # kernel taps at which a (non-1x1) conv reaches half the rate of a 1x1
+_HALF_RATE_LENGTH = 75  # the dot-product length (taps x input channels per group) at half the full rate
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Cost:
         if kernel.is_channelwise:
             return cls(Fraction(kernel.out_channels), kernel.params, 0.0, elements, BATCHNORM_CALL)
         macs = kernel.macs_per_input
-        return cls(macs, kernel.params, float(macs) / efficiency(kernel), elements, CONV_CALL)
+        call = CONV_CALL if kernel.groups == 1 else GROUPED_CONV_CALL
+        return cls(macs, kernel.params, float(macs) / efficiency(kernel), elements, call)
 
     @classmethod
     def elementwise(cls, kernel: Kernel) -> Cost:
@@ -99,8 +101,15 @@ FREE = Cost(Fraction(0), 0, 0.0, Fraction(0), 0.0)
 
 
 def efficiency(kernel: Kernel) -> float:
-    """The fraction of a dense conv's MAC rate that a conv of `kernel`'s shape reaches (0 to 1)."""
-    per_group = kernel.in_channels // kernel.groups
+    """The fraction of the full MAC rate that a conv of `kernel`'s shape reaches (0 to 1).
+
+    A 1x1 conv is a matrix product and runs at the full rate. Any other conv computes each
+    output as a dot product of `taps x input channels per group` terms, and short ones waste
+    most of each vector operation: a depthwise 3x3 (9 terms) reaches about a tenth of the rate
+    of a dense 3x3 at 64 channels (576 terms), a 1x3 at 8 channels (24 terms) a quarter.
+    """
     taps = math.prod(kernel.kernel_size)
-    channels = per_group / (per_group + _HALF_RATE_CHANNELS)
-    return channels if taps == 1 else channels * taps / (taps + _HALF_RATE_TAPS)
+    if taps == 1:
+        return 1.0
+    length = taps * kernel.in_channels // kernel.groups
+    return length / (length + _HALF_RATE_LENGTH)
