@@ -6,13 +6,14 @@ import contextlib
 import copy
 import gc
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
-from .arguments import check_example_inputs, check_flags, check_input_shape, check_leaf_modules, check_model
+from .arguments import check_cost, check_example_inputs, check_flags, check_input_shape, check_leaf_modules, check_model
 from .engine import Engine
 from .errors import InvalidArgumentError, ReparamError, StrictModeError, TrainingModeError
+from .measured import Stopwatch
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
@@ -25,6 +26,7 @@ def fuse(
     *,
     rules: str | RuleSet | Iterable[Rule] = "default",
     allow_costlier: bool = False,
+    cost: Literal["estimate", "measure"] = "estimate",
     inplace: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -37,7 +39,7 @@ def fuse(
 
     The model must be in eval mode. It is traced with torch.fx; every linear region (conv,
     BatchNorm, summed or concatenated branches, identity branches, chains, avg-pools, multi-scale
-    kernels) becomes one conv where that is exact for every input size and costs no more than
+    kernels) becomes one conv where that is exact for every input size and is no slower than
     the region. The result computes the same function, in the model's dtype and on its device.
     It is a `torch.fx.GraphModule` when the whole forward traces; otherwise a copy of the model
     whose largest traceable submodules are fused (the report lists what could not be traced).
@@ -53,9 +55,16 @@ def fuse(
     Args:
         rules: the rules to run: a rule set's name (default: "default", the built-in transforms
             and everything registered into it), a `RuleSet`, or rules in order.
-        allow_costlier: fuse every exact region into one conv even where that costs more MACs
-            or parameters (an Inception-style 1x1/3x3/5x5 concat becomes one, slower, 5x5 conv).
-            By default such regions keep their cheaper form and the report says `would cost more`.
+        allow_costlier: fuse every exact region into one conv even where that is slower (an
+            Inception-style 1x1/3x3/5x5 concat becomes one, slower, 5x5 conv). By default such
+            regions keep their faster form and the report says `would cost more`.
+        cost: how "slower" is decided. "estimate" (the default): the cost model of
+            `reparam.cost`, which prices calls, MACs by conv shape and memory traffic, on the
+            shapes the example inputs give (a 56x56 map without them). "measure": where the
+            estimates of a region's forms are close, time each form on the example inputs, on
+            the model's device, and keep the fastest (ties within 5% go to fewer ops; at most
+            30 s of timing per call; the report lists each timing). Needs example_inputs or
+            input_shape.
         inplace: work on `model` itself instead of a copy: untraceable containers get their
             fused children in place, and the result shares the layers it did not change.
         leaf_modules: module types the tracer must not trace into (kept as single calls).
@@ -72,6 +81,7 @@ def fuse(
         model,
         rules=rules,
         allow_costlier=allow_costlier,
+        cost=cost,
         inplace=inplace,
         leaf_modules=leaf_modules,
         concrete_args=concrete_args,
@@ -104,6 +114,7 @@ def fuse_with_report(
     *,
     rules: str | RuleSet | Iterable[Rule] = "default",
     allow_costlier: bool = False,
+    cost: Literal["estimate", "measure"] = "estimate",
     inplace: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -118,6 +129,7 @@ def fuse_with_report(
     check_leaf_modules(leaf_modules)
     check_example_inputs(example_inputs)
     check_input_shape(input_shape)
+    check_cost(cost, example_inputs is not None or input_shape is not None)
     if concrete_args is not None and not isinstance(concrete_args, dict):
         raise InvalidArgumentError(f"concrete_args must be a dict of argument names to values, got {concrete_args!r}")
     if model.training:
@@ -139,7 +151,7 @@ def fuse_with_report(
         except ReparamError:
             traced_original = None
         reference = copy.deepcopy(model) if inplace else model
-    engine = Engine(chosen, allow_costlier)
+    engine = Engine(chosen, allow_costlier, Stopwatch() if cost == "measure" else None)
     if inplace:
         fused, report = fuse_tree(model, engine.run, chosen, leaf_modules, concrete_args, "", example_inputs)
     else:

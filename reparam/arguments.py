@@ -85,3 +85,14 @@ def check_leaf_modules(leaf_modules: Any) -> None:
 def _described(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def check_cost(cost: Any, has_inputs: bool) -> None:
+    """`cost` is "estimate", or "measure" with inputs to measure on."""
+    if cost not in ("estimate", "measure"):
+        raise InvalidArgumentError(f'cost must be "estimate" or "measure", got {cost!r}')
+    if cost == "measure" and not has_inputs:
+        raise InvalidArgumentError(
+            'cost="measure" times forms of each region on real inputs: pass example_inputs=(tensor, ...) or '
+            "input_shape=(batch, channels, ...)"
+        )

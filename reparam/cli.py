@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--allow-costlier", action="store_true", help="fuse regions even where one conv costs more"
         )
+        command.add_argument(
+            "--measure",
+            action="store_true",
+            help="where the cost model's call is close, time each form on the --input-shape input and keep the "
+            "fastest (pickled modules)",
+        )
         command.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
         command.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
@@ -385,11 +391,17 @@ def _run(args: argparse.Namespace, progress: _Progress, *, verify: bool, strict:
         from .verify import example_inputs_for
 
         example = example_inputs_for(model, args.input_shape)
-    elif verify:
-        raise UsageError("--verify needs --input-shape N,C,H,W (the shape of an input the model accepts)")
+    elif verify or args.measure:
+        option = "--verify" if verify else "--measure"
+        raise UsageError(f"{option} needs --input-shape N,C,H,W (the shape of an input the model accepts)")
     with progress.stage(f"fusing {type(model).__name__} ({stats.count(model, stats.CONV_TYPES)} convs)"):
         fused, report = fuse_with_report(
-            model, allow_costlier=args.allow_costlier, verify=verify, example_inputs=example, strict=strict
+            model,
+            allow_costlier=args.allow_costlier,
+            cost="measure" if args.measure else "estimate",
+            verify=verify,
+            example_inputs=example,
+            strict=strict,
         )
     progress(f"fused: {len(report.fusions)} fusions, {len(report.refusals)} refusals")
     result = _Result("module", model, fused, report, example)
@@ -414,6 +426,8 @@ def _run_program(
 ) -> _Result:
     from .export import _dynamic_shapes, fuse_exported_in_steps, unexported
 
+    if args.measure:
+        raise UsageError("--measure times pickled modules; for a .pt2 program, leave it out (the cost model decides)")
     example_args = None
     if args.input_shape:
         dtype = next((v.dtype for v in ep.state_dict.values() if v.is_floating_point()), torch.float32)
@@ -681,6 +695,7 @@ def _document(command: str, args: argparse.Namespace, result: _Result) -> dict[s
         "refusals": [_jsonable(dataclasses.asdict(r)) for r in report.refusals],
         "replacements": [_jsonable(dataclasses.asdict(r)) for r in report.replacements],
         "untraced": [_jsonable(dataclasses.asdict(u)) for u in report.untraced],
+        "timings": [_jsonable(dataclasses.asdict(t)) for t in report.timings],
     }
 
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from .borders import lower_border_writes
 from .constants import fold_constants
@@ -61,11 +61,14 @@ from .region import (
     Plan,
     Region,
     Steps,
+    as_written,
     fuses_anything,
-    original_cost,
+    ops,
     plan,
+    writable,
 )
-from .report import FuseReport, Fusion, Refusal, Replacement
+from .measured import CLOSE, Stopwatch, winner
+from .report import Form, FuseReport, Fusion, Refusal, Replacement, Timing
 from .rules import Anchor, ReplacementRule, Rule
 from .sharing import owned
 
@@ -84,8 +87,10 @@ class _NewModule:
 class Engine:
     """Runs a sequence of rules over GraphModules. Earlier rules win when several share an anchor."""
 
-    def __init__(self, rules: Sequence[Rule], allow_costlier: bool = False) -> None:
+    def __init__(self, rules: Sequence[Rule], allow_costlier: bool = False, stopwatch: Stopwatch | None = None) -> None:
+        """`stopwatch`: time the close candidate forms of each region on its example inputs (`cost="measure"`)."""
         self._allow_costlier = allow_costlier
+        self._stopwatch = stopwatch
         self._index: dict[Anchor, list[Rule]] = defaultdict(list)
         for rule in rules:
             for anchor in rule.anchors:
@@ -109,7 +114,7 @@ class Engine:
             fold_constants(gm, rewrites)
             hoist_metadata_reads(gm, rewrites)
             ctx = self._annotate(gm)
-            fused = self._materialize(gm, ctx)
+            fused = self._materialize(gm, ctx, report.timings)
             _delete_unused_submodules(gm)
             for new, region in fused:
                 module = _rename(gm, new)
@@ -196,23 +201,27 @@ class Engine:
 
     # ---------------------------------------------------------------- materialize
 
-    def _materialize(self, gm: GraphModule, ctx: Context) -> list[tuple[_NewModule, Region]]:
+    def _materialize(self, gm: GraphModule, ctx: Context, timings: list[Timing]) -> list[tuple[_NewModule, Region]]:
         graph = gm.graph
         position = {node: i for i, node in enumerate(graph.nodes)}
         replaced: dict[Node, Node] = {}
         new_convs: list[tuple[_NewModule, Region]] = []
         outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions)]
+        plans = {out: plan(ctx.regions[out], workload(ctx.regions[out]), self._allow_costlier) for out in outputs}
+        measured = self._measure(gm, ctx, plans, timings) if self._stopwatch is not None else {}
         for out in outputs:
             region = ctx.regions[out]
-            load = workload(region)
-            chosen, cost = plan(region, load, self._allow_costlier)
+            chosen, cost = plans[out]
             if not isinstance(chosen, Fuse) and len(region.sources) > 1:
-                _refuse_as_dearer(ctx, region, cost, load)
+                _refuse_as_dearer(ctx, region, cost, workload(region), measured.get(out))
             if not fuses_anything(chosen):
                 continue
             with graph.inserting_before(out):
                 new = _Emitter(gm, replaced, new_convs).emit(chosen, replaced.get(region.root, region.root))
             out.replace_all_uses_with(new)
+            for key in ("tensor_meta", "val"):  # the shape later passes price the new conv's users with
+                if key in out.meta:
+                    new.meta[key] = out.meta[key]
             new.meta.setdefault("reparam", {"rules": sorted(region.rules), "sources": []})["replaces"] = out.name
             replaced[out] = new
             constants: list[Node] = []
@@ -223,23 +232,101 @@ class Engine:
             _erase_unused_constants(gm, [c for c in constants if c not in region.nodes])
         return new_convs
 
+    def _measure(
+        self, gm: GraphModule, ctx: Context, plans: dict[Node, tuple[Plan, Cost]], timings: list[Timing]
+    ) -> dict[Node, Timing]:
+        """Time the forms of each region whose estimates are close; put the winners into `plans`."""
+        assert self._stopwatch is not None
+        candidates: dict[Node, list[tuple[Form, Plan]]] = {}
+        for out, (chosen, cost) in plans.items():
+            region = ctx.regions[out]
+            if len(region.sources) > 1 and writable(region.kernel):
+                forms = _forms(region, chosen, cost, workload(region))
+                fastest = min(form.estimated for form, _ in forms)
+                if sum(form.estimated <= fastest * CLOSE for form, _ in forms) > 1:
+                    candidates[out] = forms
+        if not candidates or self._stopwatch.exhausted:
+            return {}
+        self._stopwatch.capture(gm, {ctx.regions[out].root for out in candidates})
+        measured = {}
+        for out, forms in candidates.items():
+            region, x = ctx.regions[out], self._stopwatch.value(ctx.regions[out].root)
+            if x is None or self._stopwatch.exhausted:
+                continue
+            fastest = min(form.estimated for form, _ in forms)
+            try:
+                modules = {form.name: _standalone(gm, p) for form, p in forms if form.estimated <= fastest * CLOSE}
+            except _NotStandalone:
+                continue
+            seconds = self._stopwatch.time(modules, x)
+            judged = [(replace(form, measured=seconds.get(form.name)), p) for form, p in forms]
+            best = winner([form for form, _ in judged])
+            plans[out] = next((p, plans[out][1]) for form, p in judged if form is best)
+            sources = tuple(describe(n) for n in region.sources)
+            measured[out] = Timing(sources, tuple(form for form, _ in judged), best.name)
+            timings.append(measured[out])
+        return measured
+
+
+def _forms(region: Region, chosen: Plan, cost: Cost, load: Workload) -> list[tuple[Form, Plan]]:
+    """The distinct exact forms of `region`: one conv, the static plan where it differs, as written."""
+    one_conv = Fuse(region)
+    written, written_cost = as_written(region, load)
+    forms = [(Form("one conv", 1, Cost.of(region.kernel).seconds(load)), one_conv)]
+    if not isinstance(chosen, Fuse) and fuses_anything(chosen):
+        forms.append((Form("as planned", ops(chosen), cost.seconds(load)), chosen))
+    forms.append((Form("as written", ops(written), written_cost.seconds(load)), written))
+    return forms
+
+
+class _NotStandalone(Exception):
+    """A form reads a graph value besides its input and the model's tensors: it cannot be timed alone."""
+
+
+def _standalone(gm: GraphModule, p: Plan) -> GraphModule:
+    """`p` as a module of its input alone, sharing `gm`'s layers (to be timed)."""
+    graph = Graph()
+    x = graph.placeholder("x")
+    new_layers: dict[str, nn.Module] = {}
+    emitter = _Emitter(gm, {}, [], graph=graph, new_layers=new_layers)
+    graph.output(emitter.emit(p, x) if p is not None else x)
+    layers: dict[str, Any] = dict(new_layers)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in layers:
+            layers[str(node.target)] = attribute(gm, node)
+    return GraphModule(layers, graph)
+
 
 @dataclass
 class _Emitter:
-    """Writes a plan into the graph at the current insertion point."""
+    """Writes a plan into `gm`'s graph at the current insertion point, or into a standalone `graph`.
+
+    Standalone, new layers are collected in `new_layers` and the tensors the plan reads are
+    read afresh in `graph`; a plan that reads any other value of `gm`'s graph raises `_NotStandalone`.
+    """
 
     gm: GraphModule
     replaced: dict[Node, Node]
     new_convs: list[tuple[_NewModule, Region]]
+    graph: Graph | None = None
+    new_layers: dict[str, nn.Module] | None = None
+
+    def _outside(self, node: Any) -> Any:
+        """How the written graph refers to `node`, a value outside the plan."""
+        if self.graph is None or not isinstance(node, Node):
+            return node
+        if node.op == "get_attr":
+            return self.graph.get_attr(node.target)
+        raise _NotStandalone(node.name)
 
     def emit(self, p: Plan | None, source: Node) -> Node:
-        graph = self.gm.graph
+        graph = self.gm.graph if self.graph is None else self.graph
         if p is None:  # the input itself
             return source
         if isinstance(p, Keep):
             old_input = p.leaf.root
             inputs = (old_input, self.replaced.get(old_input))
-            return graph.node_copy(p.leaf.node, lambda a: source if any(a is i for i in inputs) else a)
+            return graph.node_copy(p.leaf.node, lambda a: source if any(a is i for i in inputs) else self._outside(a))
         if isinstance(p, Steps):
             for step in p.steps:
                 source = self.emit(step, source)
@@ -250,13 +337,16 @@ class _Emitter:
             for node, part in p.parts:
                 env[node] = self.emit(part, source)
             for node in p.region.interior:
-                env[node] = graph.node_copy(node, lambda a: env.get(a, self.replaced.get(a, a)))
+                env[node] = graph.node_copy(node, lambda a: env[a] if a in env else self._outside(self.replaced.get(a, a)))
             return env[p.region.output]
         name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
         kernel = p.region.kernel
         conv = kernel.to_batchnorm() if kernel.is_channelwise else kernel.to_module()  # a BN runs faster
         conv.requires_grad_(any(_trainable(self.gm, n) for n in p.region.sources))
-        self.gm.add_submodule(name, conv)
+        if self.new_layers is None:
+            self.gm.add_submodule(name, conv)
+        else:
+            self.new_layers[name] = conv
         node = graph.call_module(name, (source,))
         sources = tuple(describe(n) for n in p.region.sources)
         node.meta["reparam"] = {"rules": sorted(p.region.rules), "sources": list(sources)}
@@ -398,18 +488,23 @@ def workload(region: Region) -> Workload:
     return Workload(max(1, math.prod(shape) // region.kernel.in_channels), dtype.itemsize)
 
 
-def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload) -> None:
+def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload, timing: Timing | None) -> None:
     fused = Cost.of(region.kernel)
-    where = "" if load is NOMINAL else f" (on its input of {load.positions} positions)"
-    ctx.refusals.append(
-        Refusal(
-            "engine",
-            Reason.WOULD_COST_MORE,
+    times = {form.name: form.measured for form in timing.forms} if timing is not None else {}
+    if timing is not None and times["one conv"] is not None:
+        message = (
+            f"one conv for this region measured {times['one conv'] * 1e6:.0f} us on the example inputs, against "
+            f"{times[timing.chosen] * 1e6:.0f} us {timing.chosen}"
+        )
+    else:
+        where = "" if load is NOMINAL else f" (on its input of {load.positions} positions)"
+        message = (
             f"one conv for this region would take an estimated {fused.seconds(load) * 1e6:.0f} us, against "
             f"{kept.seconds(load) * 1e6:.0f} us as emitted{where} ({float(fused.macs):g} against "
-            f"{float(kept.macs):g} MACs per position, {fused.params} against {kept.params} parameters)",
-            tuple(describe(n) for n in region.sources),
+            f"{float(kept.macs):g} MACs per position, {fused.params} against {kept.params} parameters)"
         )
+    ctx.refusals.append(
+        Refusal("engine", Reason.WOULD_COST_MORE, message, tuple(describe(n) for n in region.sources))
     )
 
 
@@ -455,7 +550,8 @@ def _rename(gm: GraphModule, new: _NewModule) -> str:
 
 
 def _fusion(module: str, new: _NewModule, region: Region) -> Fusion:
-    before, after = original_cost(region), Cost.of(region.kernel)
+    load = workload(region)
+    before, after = as_written(region, load)[1], Cost.of(region.kernel)
     return Fusion(
         module=module,
         sources=new.sources,
@@ -464,6 +560,8 @@ def _fusion(module: str, new: _NewModule, region: Region) -> Fusion:
         macs_after=float(after.macs),
         params_before=before.params,
         params_after=after.params,
+        seconds_before=before.seconds(load),
+        seconds_after=after.seconds(load),
     )
 
 

@@ -150,9 +150,18 @@ class AsWritten:
 Plan = Keep | Fuse | Steps | AsWritten
 
 
-def original_cost(region: Region) -> Cost:
-    """What the region costs as written."""
-    return _plan(region, NOMINAL, allow_fusion=False)[1]
+def as_written(region: Region, load: Workload = NOMINAL) -> tuple[Plan, Cost]:
+    """The region re-emitted as written, and what that costs."""
+    return _plan(region, load, allow_fusion=False)
+
+
+def ops(p: Plan | None) -> int:
+    """How many graph nodes a plan emits."""
+    if isinstance(p, Steps):
+        return sum(ops(s) for s in p.steps)
+    if isinstance(p, AsWritten):
+        return len(p.region.interior) + sum(ops(part) for _, part in p.parts)
+    return 0 if p is None else 1
 
 
 def plan(region: Region, load: Workload = NOMINAL, allow_costlier: bool = False) -> tuple[Plan, Cost]:
@@ -164,7 +173,7 @@ def plan(region: Region, load: Workload = NOMINAL, allow_costlier: bool = False)
     keeps both convs but still absorbs each one's BatchNorm. On a tie the fused form wins (fewer
     ops). With `allow_costlier`, a region of more than one layer is always one conv.
     """
-    if allow_costlier and not isinstance(region, Leaf) and _writable(region.kernel):
+    if allow_costlier and not isinstance(region, Leaf) and writable(region.kernel):
         return Fuse(region), Cost.of(region.kernel)
     return _plan(region, load, allow_fusion=True)
 
@@ -173,7 +182,7 @@ def _no_slower(fused: Cost, written: Cost, load: Workload) -> bool:
     return fused.seconds(load) <= written.seconds(load) * (1 + 1e-9)  # rounding must not break a tie
 
 
-def _writable(kernel: Kernel) -> bool:
+def writable(kernel: Kernel) -> bool:
     """One layer can be written for `kernel`: a conv of known rank, or a per-channel map of any rank (a BatchNorm).
 
     A kernel of unknown rank that mixes channels or positions (BatchNorm1d composed with a conv
@@ -183,7 +192,7 @@ def _writable(kernel: Kernel) -> bool:
 
 
 def _can_fuse(kernel: Kernel, allow_fusion: bool) -> bool:
-    return allow_fusion and _writable(kernel)
+    return allow_fusion and writable(kernel)
 
 
 def _plan(region: Region, load: Workload, allow_fusion: bool) -> tuple[Plan, Cost]:
@@ -239,7 +248,7 @@ def _plan_chain(region: Chain, load: Workload, allow_fusion: bool) -> tuple[Plan
         options = []  # fused segments first: on a tie in cost, fewer ops win
         for start, kernel in segments.items():
             fused = Cost.of(kernel).at_density(densities[start])
-            if _writable(kernel) and _no_slower(fused, written[end] - written[start], load):
+            if writable(kernel) and _no_slower(fused, written[end] - written[start], load):
                 options.append((best[start][0] + fused, start, kernel))
         options.append((best[end - 1][0] + single_costs[end - 1], end - 1, None))
         best.append(min(options, key=lambda option: option[0].seconds(load)))

@@ -11,7 +11,8 @@ from .errors import Reason
 class Fusion:
     """One new conv and the layers it replaced.
 
-    Costs are multiply-accumulates per position of the region's input tensor, and parameters.
+    Costs are multiply-accumulates per position of the region's input tensor, parameters, and
+    the cost model's estimate of one call's time in seconds (`reparam.cost`).
     """
 
     module: str
@@ -21,6 +22,8 @@ class Fusion:
     macs_after: float
     params_before: int
     params_after: int
+    seconds_before: float
+    seconds_after: float
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,25 @@ class Refusal:
     nodes: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Form:
+    """One exact way to compute a region, as `cost="measure"` judged it."""
+
+    name: str  # "one conv", "as planned" (the static plan, partly fused), "as written"
+    ops: int
+    estimated: float  # seconds per call, from the cost model
+    measured: float | None = None  # median seconds per call on the example inputs, where timed
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A region whose forms were timed: each form with its estimate and measured time, and the one kept."""
+
+    sources: tuple[str, ...]
+    forms: tuple[Form, ...]
+    chosen: str
+
+
 @dataclass
 class FuseReport:
     """The record of one `fuse` call. `str(report)` is a readable table."""
@@ -59,6 +81,7 @@ class FuseReport:
     refusals: list[Refusal] = field(default_factory=list)
     replacements: list[Replacement] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
+    timings: list[Timing] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -75,6 +98,7 @@ class FuseReport:
         self.refusals += other.refusals
         self.replacements += other.replacements
         self.untraced += other.untraced
+        self.timings += other.timings
 
     def prefixed(self, path: str) -> FuseReport:
         """This report with module and node names taken relative to the submodule at `path`."""
@@ -89,6 +113,7 @@ class FuseReport:
             [replace(r, nodes=names(r.nodes)) for r in self.refusals],
             [replace(r, module=path + r.module, sources=names(r.sources)) for r in self.replacements],
             [replace(u, module=path + u.module) for u in self.untraced],
+            [replace(t, sources=names(t.sources)) for t in self.timings],
         )
 
     def __str__(self) -> str:
@@ -101,7 +126,8 @@ class FuseReport:
         for f in self.fusions:
             lines.append(
                 f"  fused   {f.module:<28} <- {', '.join(f.sources)}  [{', '.join(f.rules)}]"
-                f"  MACs/pos {f.macs_before:g} -> {f.macs_after:g}, params {f.params_before} -> {f.params_after}"
+                f"  MACs/pos {f.macs_before:g} -> {f.macs_after:g}, params {f.params_before} -> {f.params_after}, "
+                f"estimated {f.seconds_before * 1e6:.0f} -> {f.seconds_after * 1e6:.0f} us"
             )
         for r in self.replacements:
             lines.append(f"  replaced {', '.join(r.sources)} by {r.module} [{r.rule}]")
@@ -109,4 +135,11 @@ class FuseReport:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
         for u in self.untraced:
             lines.append(f"  untraced {u.module} ({u.type_name}), kept as written (layers inside fused): {u.reason}")
+        for t in self.timings:
+            forms = ", ".join(
+                f"{f.name} {f.measured * 1e6:.0f} us (estimated {f.estimated * 1e6:.0f})"
+                for f in t.forms
+                if f.measured is not None
+            )
+            lines.append(f"  timed   {', '.join(t.sources):<28} {forms}: kept {t.chosen}")
         return "\n".join(lines)

@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .borders import pad_with_border
 from .context import runs_more_than_its_class
 from .errors import InvalidArgumentError, NotTraceableError, first_line
+from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
@@ -379,7 +380,9 @@ def _fuse_traced(
                 f"{first_line(cause)}); pass example_inputs=(...) or input_shape=(...) that its "
                 "forward accepts"
             ) from error
+        gm.meta[EXAMPLE_INPUTS] = example_inputs  # for cost="measure"
     report = run(gm)
+    gm.meta.pop(EXAMPLE_INPUTS, None)
     kept = gm.meta.get("reparam_kept", {})
     report.untraced += [Untraced(name, type_name, reason) for name, (type_name, reason) in kept.items()]
     return gm, report.prefixed(path)

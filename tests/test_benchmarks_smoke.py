@@ -108,3 +108,33 @@ def test_a_linear_chain_fuses_to_one_conv():
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))
+
+
+def test_the_decisions_table_has_a_row_per_block(tmp_path):
+    from benchmarks.blocks import block_specs
+    from benchmarks.decisions import main as decisions
+
+    out = tmp_path / "DECISIONS.md"
+    threads = torch.get_num_threads()
+    try:
+        assert decisions(["--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = _rows(out.read_text(encoding="utf-8"), "# Decisions")
+    assert [row[0] for row in rows] == [spec.name for spec in block_specs(quick=True)]
+    assert {row[9] for row in rows} <= {"fused", "refused one conv"}
+
+
+def test_the_cost_model_fit_reports_each_constant(tmp_path):
+    from benchmarks.cost_model import _NAMES
+    from benchmarks.cost_model import main as cost_model
+
+    out = tmp_path / "COST_MODEL.md"
+    threads = torch.get_num_threads()
+    try:
+        assert cost_model(["--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    constants = _rows(out.read_text(encoding="utf-8"), "# The cost model")
+    assert [row[0].strip("`") for row in constants] == list(_NAMES)
+    assert all(float(row[2]) > 0 for row in constants)

@@ -94,6 +94,8 @@ def test_fuse_a_pickled_module_with_verify_and_json(files, tmp_path) -> None:
         "macs_after",
         "params_before",
         "params_after",
+        "seconds_before",
+        "seconds_after",
     }
     assert document["refusals"] == [] and document["untraced"] == []
     assert document["verified"]["max_rel_error"] < 1e-5
