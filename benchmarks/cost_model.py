@@ -76,9 +76,11 @@ def elementwise_ops(min_run_time: float, shapes: Sequence[tuple[int, int]]) -> l
         load = cost.Workload(size * size)
         bn = nn.BatchNorm2d(channels).eval()
         bn_cost = cost.Cost.of(Kernel.from_batchnorm(bn, 2))
-        ops.append(Op(f"BatchNorm C={channels} {size}x{size}", bn_cost, load, timed(bn, x, min_run_time), "BATCHNORM_CALL"))
+        bn_time = timed(bn, x, min_run_time)
+        ops.append(Op(f"BatchNorm C={channels} {size}x{size}", bn_cost, load, bn_time, "BATCHNORM_CALL"))
         add_cost = cost.Cost.elementwise(Kernel.identity(channels, 2))
-        ops.append(Op(f"add C={channels} {size}x{size}", add_cost, load, timed(y.add, x, min_run_time), "ELEMENTWISE_CALL"))
+        add_time = timed(y.add, x, min_run_time)
+        ops.append(Op(f"add C={channels} {size}x{size}", add_cost, load, add_time, "ELEMENTWISE_CALL"))
     return ops
 
 
@@ -103,7 +105,9 @@ def estimate(op: Op, constants: dict[str, float]) -> float:
 
 def fit(ops: list[Op]) -> dict[str, float]:
     """The constants that minimise the squared error of log(estimate) against log(measured time)."""
-    logs = {name: torch.tensor(math.log(getattr(cost, name)), dtype=torch.float64, requires_grad=True) for name in _NAMES}
+    logs = {
+        name: torch.tensor(math.log(getattr(cost, name)), dtype=torch.float64, requires_grad=True) for name in _NAMES
+    }
     optimizer = torch.optim.Adam(logs.values(), lr=0.05)
     for _ in range(1500):
         optimizer.zero_grad()

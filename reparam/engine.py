@@ -337,7 +337,8 @@ class _Emitter:
             for node, part in p.parts:
                 env[node] = self.emit(part, source)
             for node in p.region.interior:
-                env[node] = graph.node_copy(node, lambda a: env[a] if a in env else self._outside(self.replaced.get(a, a)))
+                copied = graph.node_copy(node, lambda a: env[a] if a in env else self._outside(self.replaced.get(a, a)))
+                env[node] = copied
             return env[p.region.output]
         name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
         kernel = p.region.kernel

@@ -28,7 +28,7 @@ from .report import Form
 CLOSE = 1.5  # forms estimated within this factor of the fastest estimate are timed
 TIE = 0.05  # a form with fewer ops wins when it is measured within 5% of the fastest
 ROUNDS = 5
-MIN_RUN_TIME = 0.01  # seconds of calls per form per round
+MIN_RUN_TIME = 0.05  # seconds of calls per form per round
 BUDGET = 30.0  # seconds of timing per fuse call
 EXAMPLE_INPUTS = "reparam_example_inputs"  # the key of a GraphModule's example inputs in its meta, while it is fused
 

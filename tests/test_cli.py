@@ -205,6 +205,18 @@ def test_verify_without_an_input_shape_says_what_is_missing(files, tmp_path, cap
     assert "--verify needs --input-shape" in capsys.readouterr().err
 
 
+def test_measure_times_on_the_input_shape_and_reports_the_timings(files, tmp_path, capsys) -> None:
+    out = tmp_path / "o.pt"
+    code = cli.main(["fuse", str(files["model.pt"]), "-o", str(out), "--trust-pickle", "--measure", "-q"])
+    assert code == 2 and "--measure needs --input-shape" in capsys.readouterr().err
+    args = ["--trust-pickle", "--measure", "--input-shape", "1,3,16,16", "--json", "-q"]
+    assert cli.main(["fuse", str(files["model.pt"]), "-o", str(out), *args]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert isinstance(document["timings"], list) and document["after"]["batchnorms"] == 0
+    code = cli.main(["fuse", str(files["model.pt2"]), "-o", str(tmp_path / "o.pt2"), "--measure", "-q"])
+    assert code == 2 and "--measure times pickled modules" in capsys.readouterr().err
+
+
 def test_demo_stays_the_zero_argument_job(monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli.demo, "run", lambda: "demo table")
     assert cli.main(["demo"]) == 0
