@@ -1,7 +1,7 @@
 """`python -m benchmarks.decisions`: each emitted form against its alternative and the authors' deploy form.
 
 For every block of `benchmarks/blocks.py` (third-party-style training blocks, at the input shape
-given) it times, interleaved, on one thread by default:
+given) and every reference net of `benchmarks/nets.py` (batch 1, 224x224) it times, interleaved, on one thread by default:
 
 - **as written**: the training-time block in eval mode;
 - **estimate**: `reparam.fuse(block, example_inputs=...)`, the cost model's decisions;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from reparam.blocks import randomize_batchnorm
 
 from . import measure
 from .blocks import BlockSpec, block_specs
+from .nets import full_nets, quick_nets
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("as written", "estimate", "measure", "one conv", "deploy", "deploy, 2nd copy")
@@ -58,7 +60,8 @@ def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int) -> s
     alternative = "one conv" if refused else "as written"
     versus = measure.paired_ratio(times["estimate"], times[alternative])
     ops = {name: measure.calls(model, x).total_torch_ops for name, model in models.items()}
-    chosen = ", ".join(t.chosen for t in measure_report.timings) or "not timed"
+    kept = Counter(t.chosen for t in measure_report.timings)
+    chosen = ", ".join(f"{name} x{n}" if n > 1 else name for name, n in kept.items()) or "not timed"
     cells = [
         spec.name,
         "x".join(map(str, spec.input_shape)),
@@ -70,6 +73,13 @@ def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int) -> s
         chosen,
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def reference_nets(quick: bool) -> list[BlockSpec]:
+    """The nets of `benchmarks.nets`, deploy being their hand-written twin, at 224x224 (32x32 when quick)."""
+    size = 32 if quick else 224
+    nets = quick_nets() if quick else full_nets()
+    return [BlockSpec(net.name, net.training, net.deploy, (1, 3, size, size)) for net in nets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| ops: estimate / deploy | estimate decided | estimate vs alternative | measure kept |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
-    for spec in block_specs(args.quick):
+    for spec in block_specs(args.quick) + reference_nets(args.quick):
         lines.append(decide(spec, rounds, min_run_time, args.threads))
         print(lines[-1], flush=True)
     args.out.write_text("\n".join(lines) + "\n")

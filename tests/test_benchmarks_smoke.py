@@ -113,6 +113,7 @@ def test_a_linear_chain_fuses_to_one_conv():
 def test_the_decisions_table_has_a_row_per_block(tmp_path):
     from benchmarks.blocks import block_specs
     from benchmarks.decisions import main as decisions
+    from benchmarks.decisions import reference_nets
 
     out = tmp_path / "DECISIONS.md"
     threads = torch.get_num_threads()
@@ -121,7 +122,7 @@ def test_the_decisions_table_has_a_row_per_block(tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = _rows(out.read_text(encoding="utf-8"), "# Decisions")
-    assert [row[0] for row in rows] == [spec.name for spec in block_specs(quick=True)]
+    assert [row[0] for row in rows] == [spec.name for spec in block_specs(True) + reference_nets(True)]
     assert {row[9] for row in rows} <= {"fused", "refused one conv"}
 
 
