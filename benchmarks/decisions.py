@@ -1,7 +1,8 @@
 """`python -m benchmarks.decisions`: each emitted form against its alternative and the authors' deploy form.
 
 For every block of `benchmarks/blocks.py` (third-party-style training blocks, at the input shape
-given) and every reference net of `benchmarks/nets.py` (batch 1, 224x224) it times, interleaved, on one thread by default:
+given) and every reference net of `benchmarks/nets.py` (batch 1, 224x224) it times, interleaved,
+on one thread by default:
 
 - **as written**: the training-time block in eval mode;
 - **estimate**: `reparam.fuse(block, example_inputs=...)`, the cost model's decisions;
@@ -11,7 +12,8 @@ given) and every reference net of `benchmarks/nets.py` (batch 1, 224x224) it tim
 
 The table gives each time as a paired ratio to deploy, the emitted form's ratio to its
 alternative (one conv where the estimate refused it, as written where it fused), and the
-decisions each mode took. Written as markdown to `benchmarks/DECISIONS.md` (or `--out`).
+decisions each mode took. Written as markdown to `benchmarks/DECISIONS.md` (or `--out`); with
+`--device cuda`, measured on the GPU (TF32 off), e.g. to `benchmarks/DECISIONS-cuda.md`.
 
 Measurements only: nothing here asserts a time.
 """
@@ -38,11 +40,11 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("as written", "estimate", "measure", "one conv", "deploy", "deploy, 2nd copy")
 
 
-def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int) -> str:
-    """One table row for `spec`."""
+def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int, device: str) -> str:
+    """One table row for `spec`, measured on `device`."""
     torch.manual_seed(0)
-    block = randomize_batchnorm(spec.training()).eval()
-    x = torch.randn(spec.input_shape)
+    block = randomize_batchnorm(spec.training()).eval().to(device)
+    x = torch.randn(spec.input_shape, device=device)
     estimate, estimate_report = reparam.fuse_with_report(block, example_inputs=(x,))
     measured, measure_report = reparam.fuse_with_report(block, cost="measure", example_inputs=(x,))
     models = {
@@ -50,8 +52,8 @@ def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int) -> s
         "estimate": estimate,
         "measure": measured,
         "one conv": reparam.fuse(block, allow_costlier=True),
-        "deploy": spec.deploy().eval(),
-        "deploy, 2nd copy": spec.deploy().eval(),
+        "deploy": spec.deploy().eval().to(device),
+        "deploy, 2nd copy": spec.deploy().eval().to(device),
     }
     times = measure.latencies(models, x, rounds=rounds, min_run_time=min_run_time, threads=threads)
     deploy = times["deploy"]
@@ -75,6 +77,12 @@ def decide(spec: BlockSpec, rounds: int, min_run_time: float, threads: int) -> s
     return "| " + " | ".join(cells) + " |"
 
 
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def reference_nets(quick: bool) -> list[BlockSpec]:
     """The nets of `benchmarks.nets`, deploy being their hand-written twin, at 224x224 (32x32 when quick)."""
     size = 32 if quick else 224
@@ -87,13 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "DECISIONS.md")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small inputs, one short round (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     rounds, min_run_time = (1, 0.002) if args.quick else (15, 0.05)
     lines = [
         "# Decisions against measured latency",
         "",
-        f"`python -m benchmarks.decisions --threads {args.threads}`; {platform.processor() or platform.machine()}, "
+        f"`python -m benchmarks.decisions --threads {args.threads} --device {args.device}`; {_machine(args.device)}, "
         f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds. Times are paired ratios "
         "to the authors' deploy form (1.00 = as fast); `deploy, 2nd copy` is the A/A control, the noise floor.",
         "",
@@ -102,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for spec in block_specs(args.quick) + reference_nets(args.quick):
-        lines.append(decide(spec, rounds, min_run_time, args.threads))
+        lines.append(decide(spec, rounds, min_run_time, args.threads, args.device))
         print(lines[-1], flush=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
