@@ -156,3 +156,54 @@ def test_dilated_branches_merge_into_the_large_kernel(geo, branches):
     fused = fused_exactly(Dilated(dims, channels, branches), sample(seed, 1, channels, *[8] * dims))
     [conv] = [m for m in fused.modules() if isinstance(m, CONV[dims])]
     assert conv.kernel_size == (7,) * dims and conv.groups == channels
+
+
+class AlphaSum(nn.Module):
+    """`torch.add` / `torch.sub` (function or method) of two conv+BN branches, with `alpha`."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, op: str, method: bool, alpha: float) -> None:
+        super().__init__()
+        self.a, self.b, self.op, self.method, self.alpha = a, b, op, method, alpha
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.method:
+            return getattr(a, self.op)(b, alpha=self.alpha)
+        return getattr(torch, self.op)(a, b, alpha=self.alpha)
+
+
+@few
+@given(geometry(), st.sampled_from(["add", "sub"]), st.booleans(), st.sampled_from([-3.0, -1.0, 0.5, 2.0, 0.0]))
+def test_add_and_sub_with_alpha(geo, op, method, alpha):
+    dims, groups, channels, seed = geo
+    branches = [nn.Sequential(CONV[dims](channels, 2, k, padding=k // 2, groups=1), BN[dims](2)) for k in (3, 1)]
+    model = AlphaSum(*branches, op, method, alpha)
+    fused = fused_exactly(model, sample(seed, 2, channels, *[5] * dims))
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+
+
+class TokenLinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d on tokens: the BN sees the tokens flattened into rows."""
+
+    def __init__(self, features: int, out: int, bias: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, out, bias=bias)
+        self.bn = nn.BatchNorm1d(out)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, -2)).reshape_as(y)
+
+
+@few
+@given(st.integers(1, 4), st.integers(1, 4), st.booleans(), st.integers(1, 3), st.integers(0, 2**16), st.data())
+def test_linear_then_batchnorm_on_tokens(features, out, bias, rank, seed, data):
+    """Any number of leading dims (batch, tokens, ...) before the features, shapes known from an example."""
+    model = randomize_batchnorm(TokenLinearNorm(features, out, bias), seed=seed).double().eval()
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)] + [features]
+    x = sample(seed, *shape)
+    fused = reparam.fuse(model, example_inputs=(x,))
+    assert batchnorms(fused) == 0
+    other = [n + 1 for n in shape[:-1]] + [features]  # other batch sizes and token counts
+    for inputs in (x, sample(seed + 1, *other)):
+        assert_same_function(model, fused, inputs)
