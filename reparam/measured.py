@@ -6,8 +6,8 @@ such form is built as a small module and timed on the region's real input (the v
 example inputs give it), on the model's device, in `ROUNDS` interleaved rounds; the form with
 the lowest median wins, except that a form with fewer ops within `TIE` of it is preferred, so
 that noise cannot trade a fusion for a few percent. The whole `fuse` call spends at most
-`BUDGET` seconds timing; regions met after that keep the static decision (and the report
-says so).
+`BUDGET` seconds timing; regions met after that keep the static decision (they have no
+entry in `report.timings`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils.benchmark import Timer
 
 from .report import Form
+from .sharing import writes_undone
 
 CLOSE = 1.5  # forms estimated within this factor of the fastest estimate are timed
 TIE = 0.05  # a form with fewer ops wins when it is measured within 5% of the fastest
@@ -64,7 +65,7 @@ class Stopwatch:
                     values[n] = value
                 return value
 
-        with torch.no_grad():
+        with torch.no_grad(), writes_undone(gm):  # a forward that updates a buffer must not change the model
             Capture(gm).run(*(x.clone() if isinstance(x, Tensor) else x for x in example_inputs))
 
     def value(self, node: Node) -> Tensor | None:

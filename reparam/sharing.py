@@ -13,8 +13,11 @@ first.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
@@ -74,3 +77,22 @@ def _unshare(module: nn.Module, shared: _Shared) -> None:
     for name, value in vars(module).items():
         if isinstance(value, Tensor) and id(value) in shared.ids:
             setattr(module, name, shared.copied(value))
+
+
+@contextmanager
+def writes_undone(module: nn.Module) -> Iterator[list[str]]:
+    """Run the block, then put back the parameters and buffers of `module` it wrote to; their names fill the list."""
+    saved = [(name, t, t._version, t.detach().clone()) for name, t in _tensors(module)]
+    written: list[str] = []
+    try:
+        yield written
+    finally:
+        with torch.no_grad():
+            for name, tensor, version, value in saved:
+                if tensor._version != version:
+                    written.append(name)
+                    tensor.copy_(value)
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]

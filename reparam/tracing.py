@@ -14,13 +14,13 @@ import copy
 import inspect
 import io
 import operator
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stderr, suppress
+from collections.abc import Callable, Sequence
+from contextlib import redirect_stderr, suppress
 from typing import Any
 
 import torch
 import torch.fx
-from torch import Tensor, nn
+from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
@@ -32,7 +32,7 @@ from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import FuseReport, Untraced
 from .rules import Rule, plain_functions
-from .sharing import share, unshare
+from .sharing import share, unshare, writes_undone
 from .verify import cloned
 
 
@@ -151,7 +151,7 @@ def trace(
     untraceable: dict[type, str] = {}
     while True:
         tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules), untraceable)
-        with _writes_undone(model) as written:
+        with writes_undone(model) as written:
             try:
                 graph = tracer.trace(model, concrete_args)
                 break
@@ -223,25 +223,6 @@ def _branches_on_none(
 def _ops(graph: torch.fx.Graph) -> list[tuple[str, Any]]:
     skipped = ("placeholder", "output")
     return [(n.op, n.target) for n in graph.nodes if n.op not in skipped and n.target is not _assert_is_none]
-
-
-@contextmanager
-def _writes_undone(module: nn.Module) -> Iterator[list[str]]:
-    """Run the block, then put back the parameters and buffers of `module` it wrote to; their names fill the list."""
-    saved = [(name, t, t._version, t.detach().clone()) for name, t in _tensors(module)]
-    written: list[str] = []
-    try:
-        yield written
-    finally:
-        with torch.no_grad():
-            for name, tensor, version, value in saved:
-                if tensor._version != version:
-                    written.append(name)
-                    tensor.copy_(value)
-
-
-def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def _fuse_children(
@@ -371,7 +352,7 @@ def _fuse_traced(
     if example_inputs is not None:
         try:
             # a layer's forward may update its buffers; ShapeProp prints a traceback before raising
-            with _writes_undone(gm), redirect_stderr(io.StringIO()):
+            with writes_undone(gm), redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(*cloned(example_inputs))
         except Exception as error:
             cause = error.__cause__ or error

@@ -119,3 +119,11 @@ def test_measure_needs_inputs_and_cost_takes_two_values():
         reparam.fuse(block, cost="measure")
     with pytest.raises(InvalidArgumentError, match='"estimate" or "measure"'):
         reparam.fuse(block, cost="fast", example_inputs=(torch.randn(1, 8, 8, 8),))
+
+
+def test_measuring_leaves_the_callers_model_as_it_was():
+    block = reparam.blocks.randomize_batchnorm(ACBlock(16)).eval()
+    before = {name: t.clone() for name, t in block.state_dict().items()}
+    reparam.fuse(block, cost="measure", example_inputs=(torch.randn(1, 16, 12, 12),))
+    after = block.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
