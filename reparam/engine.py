@@ -52,6 +52,7 @@ from .cost import NOMINAL, Cost, Workload
 from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
+from .plumbing import drop_noops, unread_plumbing
 from .region import (
     AsWritten,
     Chain,
@@ -72,7 +73,6 @@ from .report import Form, FuseReport, Fusion, Refusal, Replacement, Timing
 from .rules import Anchor, ReplacementRule, Rule
 from .sharing import owned
 
-_NOOP_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _TEMP_PREFIX = "_reparam_new_"
 _MAX_PASSES = 16
 
@@ -102,7 +102,7 @@ class Engine:
         `flatten`: make each layer the graph calls a direct child of `gm` (for a module's forward;
         an exported program keeps the paths of what fusion left untouched, as its state_dict keys).
         """
-        _drop_noops(gm)
+        drop_noops(gm)
         report = FuseReport()
         for index in range(_MAX_PASSES):
             replaced, replace_refusals = self._replace(gm)
@@ -120,7 +120,7 @@ class Engine:
                 module = _rename(gm, new)
                 report.fusions.append(_fusion(module, new, region))
             if index == 0:  # later passes restate the same refusals in terms of the new convs
-                report.refusals = replace_refusals + ctx.refusals
+                report.refusals = replace_refusals + ctx.refusals + unread_plumbing(ctx.regions, ctx.refusals)
             if not fused and not replaced:
                 break
         else:
@@ -458,18 +458,6 @@ def _flatten_paths(gm: GraphModule) -> dict[str, str]:
             node.target = f"{moved[owner]}.{name}" if owner in moved else move(str(node.target))
     _delete_unused_submodules(gm)
     return moved
-
-
-def _drop_noops(gm: GraphModule) -> None:
-    """Remove eval-mode no-ops (nn.Identity, dropout) from the graph."""
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        module = modules[node.target]
-        if type(module) in _NOOP_TYPES and not module.training:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
 
 
 def _mutation_refusal(op: Node, end: Node) -> FusionRefused:

@@ -22,6 +22,7 @@ class Reason(str, Enum):
     IN_PLACE_MUTATION = "in-place mutation"
     HOOKED_MODULE = "hooked module"
     PATCHED_FORWARD = "patched forward"
+    UNSUPPORTED_OP = "unsupported op"
 
 
 class ReparamError(Exception):
