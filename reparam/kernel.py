@@ -422,6 +422,27 @@ class Kernel:
         total = tuple(p + q for p, q in zip(padding, self.padding))
         return replace(self, padding=total, padding_mode=mode)
 
+    def after_crop(self, crop: tuple[int, ...]) -> Kernel:
+        """The kernel computing `self(x[..., c:-c, ...])`, `crop[d]` positions cut from both sides of dim d.
+
+        Output i then reads `x[stride * i + dilation * t - padding + c]`: a padding of `padding - c`.
+        Exact when self does not pad a cropped dim (else it would read zeros where the crop cut
+        real values: `border not exact`). The padding it leaves is negative, which no layer can
+        be written with; a larger kernel it is summed into absorbs it (`aligned`), as ACNet's
+        1x3 and 3x1 branches after their crop become part of one unpadded 3x3.
+        """
+        if not any(crop):
+            return self
+        if self.transposed:
+            raise FusionRefused(Reason.GEOMETRY, "a crop before a transposed convolution")
+        if any(c and p for c, p in zip(crop, self.padding)):
+            raise FusionRefused(
+                Reason.BORDER_NOT_EXACT,
+                f"a crop by {crop} before a conv that pads by {self.padding}: the conv would read its zero "
+                "padding where the crop cut real values",
+            )
+        return replace(self, padding=tuple(p - c for p, c in zip(self.padding, crop)))
+
     def then_pad(self, padding: tuple[int, ...], mode: str, value: float | Tensor = 0.0) -> Kernel:
         """The kernel computing `pad(self(x))`: exact when self is pointwise and commutes with the pad.
 
@@ -508,6 +529,9 @@ class Kernel:
                 x, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
             )
         conv = getattr(F, f"conv{self.spatial_dims}d")
+        if any(p < 0 for p in self.padding):  # a crop: cut first, then pad what is left to pad
+            cut = tuple(slice(-p, x.shape[2 + d] + p) if p < 0 else slice(None) for d, p in enumerate(self.padding))
+            return replace(self, padding=tuple(max(p, 0) for p in self.padding))(x[(..., *cut)])
         padding: tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
@@ -516,6 +540,8 @@ class Kernel:
 
     def to_module(self) -> nn.Module:
         """An `nn.ConvNd` (`nn.ConvTransposeNd`, `nn.Linear`) computing this kernel, in the original dtype."""
+        if any(p < 0 for p in self.padding):
+            raise ValueError(f"no layer has the negative padding {self.padding} (a crop); see `after_crop`")
         if self.spatial_dims == 0:
             conv = nn.Linear(self.in_channels, self.out_channels, device="meta")
         elif self.transposed:

@@ -183,11 +183,13 @@ def _no_slower(fused: Cost, written: Cost, load: Workload) -> bool:
 
 
 def writable(kernel: Kernel) -> bool:
-    """One layer can be written for `kernel`: a conv of known rank, or a per-channel map of any rank (a BatchNorm).
+    """One layer can be written for `kernel`: a conv of known rank and padding >= 0, or a per-channel map of any rank.
 
     A kernel of unknown rank that mixes channels or positions (BatchNorm1d composed with a conv
     whose rank reparam cannot see) has no one layer that is exact on every input.
     """
+    if any(p < 0 for p in kernel.padding):
+        return False  # a crop before a conv: only a larger kernel it is summed into can absorb it
     return kernel.dims_known or kernel.is_channelwise
 
 

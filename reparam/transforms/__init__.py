@@ -16,11 +16,12 @@ from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .linear import FLATTENED_CONV, LINEAR, TOKEN_LINEAR_BN, TRANSPOSED_CONV
 from .multiscale import CONV
-from .padding import BORDERED_REGION, PADDED_CONV, PADDED_REGION
+from .padding import BORDERED_REGION, CROPPED_CONV, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
 
 BUILTIN_RULES = (
-    PADDED_CONV,  # these two before CONV and BATCHNORM, which they fall back to
+    PADDED_CONV,  # these three before CONV and BATCHNORM, which they fall back to
+    CROPPED_CONV,
     POOLED_LAYER,
     CONV,
     BATCHNORM,
@@ -62,6 +63,7 @@ __all__ = [
     "FUNCTIONAL_CONV",
     "LINEAR",
     "PADDED_CONV",
+    "CROPPED_CONV",
     "PADDED_REGION",
     "NEGATION",
     "SCALE",

@@ -1,6 +1,7 @@
 """Padding as algebra: a pad is folded into the conv after it or the pointwise kernel before it.
 
-A pad before a conv is that conv's padding,
+A pad before a conv is that conv's padding, and a crop before an unpadded one (ACNet's crop
+path, `x[:, :, c:-c, :]`) a negative padding that a larger kernel it is summed into absorbs,
 
     conv(pad_p(x); padding q) = conv(x; padding p + q)              (zero pads)
     conv(pad_p,mode(x); padding 0) = conv(x; padding p, padding_mode=mode)
@@ -28,13 +29,19 @@ value (`border not exact`).
 Paper: X. Ding et al., "Diverse Branch Block", CVPR 2021 (transform III and its BN-and-pad).
 """
 
+import operator
+from collections.abc import Iterator
+from typing import Any
+
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import Node
 
 from ..borders import pad_with_border
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
-from ..patterns import AnyOf, Call, Const, Linear, Match, Module, Var
+from ..context import Context
+from ..patterns import AnyOf, Call, Const, Linear, Match, Module, State, Var
 from ..rules import PatternRule
 from .scale import per_channel
 
@@ -82,6 +89,54 @@ def padded_conv(m: Match) -> Kernel:
     return kernel.after_pad(padding, mode)
 
 
+def crop_of(index: object, spatial_dims: int | None = None) -> tuple[int, ...] | None:
+    """The crop per spatial dim of an index `[:, :, c:-c, ...]` (also `[..., c:-c, c:-c]`), or None.
+
+    With `spatial_dims`, the index must cover exactly that many (a shorter one is padded with
+    whole slices).
+    """
+    parts = list(index) if isinstance(index, tuple) else [index]
+    if parts and parts[0] is Ellipsis:
+        if spatial_dims is None:
+            return _spatial_crop(parts[1:])
+        parts = [slice(None)] * (3 + spatial_dims - len(parts)) + parts[1:]
+    if spatial_dims is not None:
+        parts += [slice(None)] * (2 + spatial_dims - len(parts))
+        if len(parts) != 2 + spatial_dims:
+            return None
+    if len(parts) < 3 or not all(isinstance(p, slice) and p == slice(None) for p in parts[:2]):
+        return None
+    return _spatial_crop(parts[2:])
+
+
+def _spatial_crop(parts: list[object]) -> tuple[int, ...] | None:
+    crop = []
+    for part in parts:
+        if not isinstance(part, slice) or part.step not in (None, 1):
+            return None
+        start, stop = part.start or 0, part.stop
+        if not (isinstance(start, int) and start >= 0 and ((stop is None and start == 0) or stop == -start)):
+            return None
+        crop.append(start)
+    return tuple(crop) if any(crop) else None
+
+
+class _CropIndex(Const):
+    """An index that crops the same amount from both sides of spatial dims (`crop_of`)."""
+
+    def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
+        if crop_of(value) is not None:
+            yield from super().matches(value, state, ctx, consumer)
+
+
+def cropped_conv(m: Match) -> Kernel:
+    kernel = m.kernel("conv")
+    crop = crop_of(m.value("index"), kernel.spatial_dims)
+    if crop is None:
+        raise FusionRefused(Reason.GEOMETRY, f"the index {m.value('index')!r} does not fit a {kernel.spatial_dims}-d conv")
+    return kernel.after_crop(crop)
+
+
 def padded_region(m: Match) -> Kernel:
     kernel = m.kernel("a")
     padding, mode, value = pad_of(m, kernel.spatial_dims)
@@ -105,6 +160,11 @@ def _pad(input: Var | Linear) -> AnyOf:
 x = Var("x")
 
 PADDED_CONV = PatternRule("padded_conv", Module(_CONVS, _pad(Var("x", plain=True)), name="conv"), padded_conv)
+CROPPED_CONV = PatternRule(
+    "cropped_conv",
+    Module(_CONVS, Call(operator.getitem, Var("x", plain=True), _CropIndex("index")), name="conv"),
+    cropped_conv,
+)
 PADDED_REGION = PatternRule("padded_region", _pad(Linear(x, "a", identity=False)), padded_region)
 BORDERED_REGION = PatternRule(
     "bordered_region",

@@ -628,3 +628,27 @@ def test_to_batchnorm_refuses_a_kernel_that_mixes_channels_or_positions():
         Kernel.conv(torch.randn(4, 4, 1, 1), torch.zeros(4)).to_batchnorm()
     with pytest.raises(ValueError, match="per-channel"):
         Kernel.conv(torch.randn(4, 1, 3, 3), torch.zeros(4), groups=4).to_batchnorm()
+
+
+@given(
+    st.integers(1, 3),
+    st.lists(st.integers(0, 2), min_size=2, max_size=2),
+    st.sampled_from([1, 2]),
+    st.integers(0, 2**16),
+)
+def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_absorbs(k, crop, stride, seed):
+    """conv(x[c:-c]) == after_crop(conv)(x); summed with a kernel large enough, it is one writable conv."""
+    torch.manual_seed(seed)
+    small = Kernel.from_conv(nn.Conv2d(2, 3, (k, k), stride).double())
+    cropped = small.after_crop(tuple(crop))
+    x = torch.randn(1, 2, 2 * max(crop) + k + 3, 2 * max(crop) + k + 4, dtype=torch.float64)
+    cut = x[:, :, crop[0] : x.shape[2] - crop[0], crop[1] : x.shape[3] - crop[1]]
+    torch.testing.assert_close(cropped(x), small(cut), rtol=1e-12, atol=1e-12)
+    big = Kernel.from_conv(nn.Conv2d(2, 3, tuple(k + 2 * c for c in crop), stride).double())
+    total = big + cropped
+    assert min(total.padding) >= 0
+    torch.testing.assert_close(total(x), big(x) + small(cut), rtol=1e-12, atol=1e-12)
+    total.to_module()  # writable
+    if any(crop):
+        with pytest.raises(ValueError, match="negative padding"):
+            cropped.to_module()

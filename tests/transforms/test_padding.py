@@ -135,3 +135,66 @@ def test_a_zero_pad_after_an_unbiased_pointwise_conv_folds():
     fused = reparam.fuse(model)
     assert convs(fused) == 1
     assert_same_function(model, fused, torch.randn(2, 3, 5, 6, dtype=torch.float64))
+
+
+class CropLayer(nn.Module):
+    """ACNet's crop path, as its authors write it: cut rows or columns before an asymmetric conv."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x):
+        if self.rows and not self.cols:
+            return x[:, :, self.rows : -self.rows, :]
+        if self.cols and not self.rows:
+            return x[:, :, :, self.cols : -self.cols]
+        return x[:, :, self.rows : -self.rows, self.cols : -self.cols]
+
+
+class CroppedACB(nn.Module):
+    """ACNet's block with padding 0: the 1xK and Kx1 branches read a crop of the input."""
+
+    def __init__(self, k: int, stride: int) -> None:
+        super().__init__()
+        half = k // 2
+        self.square = nn.Sequential(nn.Conv2d(4, 6, k, stride, bias=False), nn.BatchNorm2d(6))
+        self.ver_crop, self.hor_crop = CropLayer(0, half), CropLayer(half, 0)
+        self.ver = nn.Sequential(nn.Conv2d(4, 6, (k, 1), stride, bias=False), nn.BatchNorm2d(6))
+        self.hor = nn.Sequential(nn.Conv2d(4, 6, (1, k), stride, bias=False), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        return self.square(x) + self.ver(self.ver_crop(x)) + self.hor(self.hor_crop(x))
+
+
+@pytest.mark.parametrize(("k", "stride"), [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_acnet_crop_path_is_one_unpadded_conv(k, stride):
+    model = randomize_batchnorm(CroppedACB(k, stride)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and report.refusals == []
+    [conv] = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.kernel_size == (k, k) and conv.padding == (0, 0)
+    for h, w in [(k, k), (k + 1, k + 4), (9, 7)]:
+        assert_same_function(model, fused, torch.randn(2, 4, h, w, dtype=torch.float64))
+
+
+class CropThenConv(nn.Module):
+    def __init__(self, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=padding)
+
+    def forward(self, x):
+        return self.conv(x[:, :, 1:-1, 1:-1])
+
+
+def test_a_crop_alone_before_a_conv_stays_as_written_and_before_a_padded_conv_is_refused():
+    x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
+    model = CropThenConv(0).double().eval()
+    fused, report = reparam.fuse_with_report(model)  # no layer has negative padding: nothing to write
+    assert report.fusions == [] and report.refusals == []
+    assert_same_function(model, fused, x)
+    model = CropThenConv(1).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    [refusal] = report.refused(Reason.BORDER_NOT_EXACT)
+    assert "crop" in refusal.message
+    assert_same_function(model, fused, x)
