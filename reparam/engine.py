@@ -237,25 +237,25 @@ class Engine:
     ) -> dict[Node, Timing]:
         """Time the forms of each region whose estimates are close; put the winners into `plans`."""
         assert self._stopwatch is not None
-        candidates: dict[Node, list[tuple[Form, Plan]]] = {}
+        candidates: dict[Node, tuple[list[tuple[Form, Plan]], list[tuple[Form, Plan]]]] = {}  # all forms, close ones
         for out, (chosen, cost) in plans.items():
             region = ctx.regions[out]
             if len(region.sources) > 1 and writable(region.kernel):
                 forms = _forms(region, chosen, cost, workload(region))
                 fastest = min(form.estimated for form, _ in forms)
-                if sum(form.estimated <= fastest * CLOSE for form, _ in forms) > 1:
-                    candidates[out] = forms
+                close = [(form, p) for form, p in forms if form.estimated <= fastest * CLOSE]
+                if len(close) > 1:
+                    candidates[out] = forms, close
         if not candidates or self._stopwatch.exhausted:
             return {}
         self._stopwatch.capture(gm, {ctx.regions[out].root for out in candidates})
         measured = {}
-        for out, forms in candidates.items():
+        for out, (forms, close) in candidates.items():
             region, x = ctx.regions[out], self._stopwatch.value(ctx.regions[out].root)
             if x is None or self._stopwatch.exhausted:
                 continue
-            fastest = min(form.estimated for form, _ in forms)
             try:
-                modules = {form.name: _standalone(gm, p) for form, p in forms if form.estimated <= fastest * CLOSE}
+                modules = {form.name: _standalone(gm, p) for form, p in close}
             except _NotStandalone:
                 continue
             seconds = self._stopwatch.time(modules, x)

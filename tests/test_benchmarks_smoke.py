@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +17,20 @@ from reparam import fuse
 from reparam.blocks import MobileOne, randomize_batchnorm
 
 
+def quick_run(benchmark: Callable[[list[str]], int], out: Path) -> str:
+    """`benchmark --quick --out out`, which sets the thread count, with the suite's thread count put back."""
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark(["--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out.read_text(encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> tuple[str, object]:
     out = tmp_path_factory.mktemp("bench") / "RESULTS.md"
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out.read_text(encoding="utf-8"), out
+    return quick_run(main, out), out
 
 
 NETS = ["RepVGG-A0", "RepVGG-B0", "DBB-ResNet-18", "ACNet-ResNet-18", "MobileOne-S0"]
@@ -115,13 +122,7 @@ def test_the_decisions_table_has_a_row_per_block(tmp_path):
     from benchmarks.decisions import main as decisions
     from benchmarks.decisions import reference_nets
 
-    out = tmp_path / "DECISIONS.md"
-    threads = torch.get_num_threads()
-    try:
-        assert decisions(["--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    rows = _rows(out.read_text(encoding="utf-8"), "# Decisions")
+    rows = _rows(quick_run(decisions, tmp_path / "DECISIONS.md"), "# Decisions")
     assert [row[0] for row in rows] == [spec.name for spec in block_specs(True) + reference_nets(True)]
     assert {row[9] for row in rows} <= {"fused", "refused one conv"}
 
@@ -130,12 +131,6 @@ def test_the_cost_model_fit_reports_each_constant(tmp_path):
     from benchmarks.cost_model import _NAMES
     from benchmarks.cost_model import main as cost_model
 
-    out = tmp_path / "COST_MODEL.md"
-    threads = torch.get_num_threads()
-    try:
-        assert cost_model(["--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    constants = _rows(out.read_text(encoding="utf-8"), "# The cost model")
+    constants = _rows(quick_run(cost_model, tmp_path / "COST_MODEL.md"), "# The cost model")
     assert [row[0].strip("`") for row in constants] == list(_NAMES)
     assert all(float(row[2]) > 0 for row in constants)

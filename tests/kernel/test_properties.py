@@ -634,17 +634,22 @@ def test_to_batchnorm_refuses_a_kernel_that_mixes_channels_or_positions():
     st.integers(1, 3),
     st.lists(st.integers(0, 2), min_size=2, max_size=2),
     st.sampled_from([1, 2]),
+    st.sampled_from([1, 2]),
+    st.sampled_from([1, 2]),
     st.integers(0, 2**16),
 )
-def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_absorbs(k, crop, stride, seed):
+def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_absorbs(
+    k, crop, stride, dilation, groups, seed
+):
     """conv(x[c:-c]) == after_crop(conv)(x); summed with a kernel large enough, it is one writable conv."""
     torch.manual_seed(seed)
-    small = Kernel.from_conv(nn.Conv2d(2, 3, (k, k), stride).double())
+    small = Kernel.from_conv(nn.Conv2d(2, 4, (k, k), stride, dilation=dilation, groups=groups).double())
     cropped = small.after_crop(tuple(crop))
-    x = torch.randn(1, 2, 2 * max(crop) + k + 3, 2 * max(crop) + k + 4, dtype=torch.float64)
+    span = dilation * (k - 1) + 1
+    x = torch.randn(1, 2, 2 * max(crop) + span + 3, 2 * max(crop) + span + 4, dtype=torch.float64)
     cut = x[:, :, crop[0] : x.shape[2] - crop[0], crop[1] : x.shape[3] - crop[1]]
     torch.testing.assert_close(cropped(x), small(cut), rtol=1e-12, atol=1e-12)
-    big = Kernel.from_conv(nn.Conv2d(2, 3, tuple(k + 2 * c for c in crop), stride).double())
+    big = Kernel.from_conv(nn.Conv2d(2, 4, tuple(span + 2 * c for c in crop), stride).double())
     total = big + cropped
     assert min(total.padding) >= 0
     torch.testing.assert_close(total(x), big(x) + small(cut), rtol=1e-12, atol=1e-12)
