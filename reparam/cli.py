@@ -663,9 +663,9 @@ def _census(model: Any) -> dict[str, int]:
         parameters = sum(model.state_dict[name].numel() for name in model.graph_signature.parameters)
         return {"convs": kinds["conv"], "batchnorms": kinds["bn"], "parameters": parameters}
     convs, bns = stats.count(model, stats.CONV_TYPES), stats.count(model, stats.BATCHNORM_TYPES)
-    if isinstance(model, torch.fx.GraphModule):  # functional convs and BNs in the graph count too
-        kinds = Counter(_node_kind(n) for n in model.graph.nodes if n.op == "call_function")
-        convs, bns = convs + kinds["conv"], bns + kinds["bn"]
+    graphs = [m.graph for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    kinds = Counter(_node_kind(n) for graph in graphs for n in graph.nodes if n.op == "call_function")
+    convs, bns = convs + kinds["conv"], bns + kinds["bn"]  # functional convs and BNs in graphs count too
     return {"convs": convs, "batchnorms": bns, "parameters": stats.parameters(model)}
 
 
@@ -696,6 +696,7 @@ def _document(command: str, args: argparse.Namespace, result: _Result) -> dict[s
         "replacements": [_jsonable(dataclasses.asdict(r)) for r in report.replacements],
         "untraced": [_jsonable(dataclasses.asdict(u)) for u in report.untraced],
         "timings": [_jsonable(dataclasses.asdict(t)) for t in report.timings],
+        "exported": [_jsonable(dataclasses.asdict(e)) for e in report.exported],
     }
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .borders import lower_border_writes
 from .constants import fold_constants
@@ -474,7 +475,8 @@ def workload(region: Region) -> Workload:
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         return NOMINAL
-    return Workload(max(1, math.prod(shape) // region.kernel.in_channels), dtype.itemsize)
+    elements = math.prod(optimization_hint(size, fallback=1) for size in shape)  # exported sizes: symbols
+    return Workload(max(1, elements // region.kernel.in_channels), dtype.itemsize)
 
 
 def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload, timing: Timing | None) -> None:

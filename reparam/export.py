@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -169,7 +169,11 @@ class _Bound(nn.Module):
 
 def unexported(ep: torch.export.ExportedProgram) -> GraphModule:
     """`ep.module()` made ready to fuse: weights as attributes, eval-mode no-ops (dropout, clone) removed."""
-    gm = ep.module()
+    return without_noops(ep.module())
+
+
+def without_noops(gm: GraphModule) -> GraphModule:
+    """`gm`, an unlifted aten program, with its eval-mode no-ops (dropout, clone) removed."""
     graph = gm.graph
     for node in list(graph.nodes):
         if _is_noop(node):
@@ -196,10 +200,18 @@ def _fuse_module(
     ep: torch.export.ExportedProgram, rules: str | RuleSet | Iterable[Rule], allow_costlier: bool
 ) -> tuple[GraphModule, FuseReport]:
     gm = unexported(ep)
+    return gm, fuse_aten_module(gm, Engine(resolve(rules), allow_costlier).run)
+
+
+def fuse_aten_module(gm: GraphModule, run: Callable[..., FuseReport]) -> FuseReport:
+    """Fuse `gm`, an unlifted aten program without no-ops, in place with `run` (an `Engine.run`).
+
+    The report names layers by the module paths torch.export recorded.
+    """
     paths = _module_paths(gm)
-    report = Engine(resolve(rules), allow_costlier).run(gm, flatten=False)
+    report = run(gm, flatten=False)
     _erase_unread_attributes(gm)
-    return gm, _named_by_modules(gm, report, paths)
+    return _named_by_modules(gm, report, paths)
 
 
 _TRAINING_BN = ("_native_batch_norm_legit_functional", "_native_batch_norm_legit", "native_batch_norm")
@@ -270,7 +282,7 @@ def _dynamic_shapes(ep: torch.export.ExportedProgram, exact: bool = True) -> Any
             dynamic = True
             expr = size.node.expr
             bounds = ep.range_constraints.get(expr)
-            low, high = (_finite(bounds.lower), _finite(bounds.upper)) if bounds is not None else (None, None)
+            low, high = (finite(bounds.lower), finite(bounds.upper)) if bounds is not None else (None, None)
             if exact and expr.is_Symbol:
                 spec[index] = named.setdefault(expr, torch.export.Dim(f"dim{len(named)}", min=low, max=high))
             else:
@@ -286,7 +298,7 @@ def _dynamic_shapes(ep: torch.export.ExportedProgram, exact: bool = True) -> Any
     return tuple(args_spec)
 
 
-def _finite(bound: Any) -> int | None:
+def finite(bound: Any) -> int | None:
     """A range bound as an int, None where it is infinite (sympy's and torch's infinities)."""
     try:
         return int(bound)
@@ -328,6 +340,7 @@ def _named_by_modules(gm: GraphModule, report: FuseReport, paths: dict[str, str]
         [dataclasses.replace(r, nodes=names(r.nodes)) for r in report.refusals],
         [dataclasses.replace(r, sources=names(r.sources)) for r in report.replacements],
         list(report.untraced),
+        [dataclasses.replace(t, sources=names(t.sources)) for t in report.timings],
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from .errors import Reason
@@ -45,6 +46,20 @@ class Untraced:
 
 
 @dataclass(frozen=True)
+class Exported:
+    """A module torch.fx could not trace, fused through torch.export on the inputs it was called with.
+
+    `conditions` are what its Python read of those inputs' sizes (`x.shape[0] == 1`): the fused
+    part checks them on every call and raises where they do not hold.
+    """
+
+    module: str
+    type_name: str
+    reason: str
+    conditions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Refusal:
     """A structural match that was left as written, with the reason and the nodes at fault."""
 
@@ -82,6 +97,7 @@ class FuseReport:
     replacements: list[Replacement] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
     timings: list[Timing] = field(default_factory=list)
+    exported: list[Exported] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -99,6 +115,7 @@ class FuseReport:
         self.replacements += other.replacements
         self.untraced += other.untraced
         self.timings += other.timings
+        self.exported += other.exported
 
     def prefixed(self, path: str) -> FuseReport:
         """This report with module and node names taken relative to the submodule at `path`."""
@@ -114,10 +131,11 @@ class FuseReport:
             [replace(r, module=path + r.module, sources=names(r.sources)) for r in self.replacements],
             [replace(u, module=path + u.module) for u in self.untraced],
             [replace(t, sources=names(t.sources)) for t in self.timings],
+            [replace(e, module=path + e.module) for e in self.exported],
         )
 
     def __str__(self) -> str:
-        if not (self.changed or self.refusals or self.untraced):
+        if not (self.changed or self.refusals or self.untraced or self.exported):
             return "nothing to fuse: no exact, cheaper rewrite applies (an already fused model reads so)"
         lines = [
             f"{len(self.fusions)} fusion(s), {len(self.replacements)} replacement(s), "
@@ -135,6 +153,9 @@ class FuseReport:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
         for u in self.untraced:
             lines.append(f"  untraced {u.module} ({u.type_name}), kept as written (layers inside fused): {u.reason}")
+        for e in self.exported:
+            where = f", valid where {_readable(e.conditions)} (checked on each call)" if e.conditions else ""
+            lines.append(f"  exported {e.module} ({e.type_name}), fused through torch.export{where}: {e.reason}")
         for t in self.timings:
             forms = ", ".join(
                 f"{f.name} {f.measured * 1e6:.0f} us (estimated {f.estimated * 1e6:.0f})"
@@ -143,3 +164,14 @@ class FuseReport:
             )
             lines.append(f"  timed   {', '.join(t.sources):<28} {forms}: kept {t.chosen}")
         return "\n".join(lines)
+
+
+_SIZE = r"[\w.\[\]]+"
+_SIMPLE = re.compile(rf"{_SIZE} (==|>=|<=|<|>) {_SIZE}|(Eq|Ne)\({_SIZE}, {_SIZE}\)")
+
+
+def _readable(conditions: tuple[str, ...]) -> str:
+    """The conditions that compare one size with a number or another size; the others counted."""
+    simple = [c for c in conditions if _SIMPLE.fullmatch(c)]
+    more = len(conditions) - len(simple)
+    return ", ".join(simple) + (f" and {more} more (arithmetic of those sizes)" if more else "")

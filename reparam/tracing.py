@@ -24,16 +24,19 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
 
 from .borders import pad_with_border
 from .context import runs_more_than_its_class
-from .errors import InvalidArgumentError, NotTraceableError, first_line
+from .errors import InvalidArgumentError, NotTraceableError, ReparamError, first_line
+from .export import fuse_aten_module
+from .exported_parts import Calls, called_children, exported_part, linear_ops, record_calls
 from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
-from .report import FuseReport, Untraced
+from .report import Exported, FuseReport, Untraced
 from .rules import Rule, plain_functions
 from .sharing import share, unshare, writes_undone
-from .verify import cloned
+from .verify import cloned, compare
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -227,10 +230,11 @@ def _ops(graph: torch.fx.Graph) -> list[tuple[str, Any]]:
 
 def _fuse_children(
     module: nn.Module,
-    run: Callable[[GraphModule], FuseReport],
+    run: Callable[..., FuseReport],
     rules: Sequence[Rule],
     leaf_modules: Sequence[type[nn.Module]],
     path: str,
+    calls: Calls,
 ) -> FuseReport:
     """Fuse inside each child of a module whose own forward is kept, so that it sees what it saw.
 
@@ -238,20 +242,23 @@ def _fuse_children(
     stays a container: a Sequential fused whole becomes a Sequential of its fused layers when
     it is still a chain, and otherwise, like a ModuleList or ModuleDict, has its elements fused
     one by one. Another child replaced by its fused GraphModule keeps the plain attributes the
-    parent may read (ultralytics routes on `m.f`).
+    parent may read (ultralytics routes on `m.f`). `calls` has the inputs each child got in an
+    example forward, where one was run.
     """
     report = FuseReport()
     for name, child in list(module.named_children()):
         if next(child.children(), None) is None and type(child) not in leaf_modules:
             continue  # a single layer: nothing inside it to fuse
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}."))
+            report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}.", calls))
             continue
-        fused, child_report = fuse_tree(child, run, rules, leaf_modules, None, f"{path}{name}.")
+        fused, child_report = fuse_tree(
+            child, run, rules, leaf_modules, None, f"{path}{name}.", calls.get(id(child)), calls
+        )
         if isinstance(child, nn.Sequential) and fused is not child:
             fused = _as_sequential(fused)
             if fused is None:  # not a chain of layers any more: fuse inside each element instead
-                report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}."))
+                report.extend(_fuse_children(child, run, rules, leaf_modules, f"{path}{name}.", calls))
                 continue
         elif fused is not child:
             _copy_plain_attributes(child, fused)
@@ -287,44 +294,90 @@ def _copy_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
 
 def fuse_tree(
     module: nn.Module,
-    run: Callable[[GraphModule], FuseReport],
+    run: Callable[..., FuseReport],
     rules: Sequence[Rule],
     leaf_modules: Sequence[type[nn.Module]],
     concrete_args: dict[str, Any] | None,
     path: str = "",
     example_inputs: tuple[Any, ...] | None = None,
+    calls: Calls | None = None,
 ) -> tuple[nn.Module, FuseReport]:
     """`module` fused by `run` where it traces: whole, or else child by child (in place).
 
     With `example_inputs`, shapes are propagated first (on copies: a forward may write to its
     input), so rules that need an input's rank (a Linear on `(batch, features)`) can see it.
+    `calls`: the inputs its submodules got in an example forward of a parent (a container
+    that the parent iterates is never called itself).
     """
     try:
         gm = trace(module, rules, leaf_modules, concrete_args)
     except NotTraceableError as error:
-        return _kept_as_written(module, error, run, rules, leaf_modules, path)
+        return _kept_as_written(module, error, run, rules, leaf_modules, path, example_inputs, calls or {})
     return _fuse_traced(gm, run, example_inputs, path)
 
 
 def _kept_as_written(
     module: nn.Module,
     error: NotTraceableError,
-    run: Callable[[GraphModule], FuseReport],
+    run: Callable[..., FuseReport],
     rules: Sequence[Rule],
     leaf_modules: Sequence[type[nn.Module]],
     path: str,
+    example_inputs: tuple[Any, ...] | None,
+    calls: Calls,
 ) -> tuple[nn.Module, FuseReport]:
-    """`module`, whose forward did not trace (`error`), reported so, with the layers inside it fused in place."""
+    """`module`, whose forward did not trace (`error`), reported so, with the layers inside it fused in place.
+
+    Given the inputs it was called with, a submodule is also exported with torch.export and its
+    program fused (`reparam.exported_parts`); that program replaces it where it runs fewer
+    linear layers. The model itself is kept as written (its class, its methods), fused inside.
+    """
     cause = error.__cause__
     reason = f"{type(cause).__name__}: {first_line(cause)[:160]}" if cause else str(error)
-    report = FuseReport(untraced=[Untraced(path.rstrip(".") or "<model>", type(module).__name__, reason)])
-    report.extend(_fuse_children(module, run, rules, leaf_modules, path))
+    name, type_name = path.rstrip(".") or "<model>", type(module).__name__
+    part = part_report = None
+    if example_inputs is not None and path and not isinstance(module, nn.Sequential):
+        part, part_report, why_not = _exported(module, example_inputs, run, name, reason)
+        reason += f"; {why_not}" if why_not else ""
+    if example_inputs is not None:
+        calls = {**calls, **record_calls(module, example_inputs, called_children(module))}
+    report = FuseReport()
+    report.extend(_fuse_children(module, run, rules, leaf_modules, path, calls))
+    if part is not None and linear_ops(part, example_inputs) < linear_ops(module, example_inputs):
+        return part, part_report
+    if part is not None:
+        reason += "; torch.export of it runs no fewer linear layers than its children fused one by one"
+    report.untraced.insert(0, Untraced(name, type_name, reason))
     return module, report
+
+
+def _exported(
+    module: nn.Module, example_inputs: tuple[Any, ...], run: Callable[..., FuseReport], name: str, reason: str
+) -> tuple[GraphModule | None, FuseReport | None, str]:
+    """`module` exported and fused with its report, or (None, None, why not)."""
+    if runs_more_than_its_class(module) is not None:
+        return None, None, ""  # its hooks or patched forward are reported already
+    try:
+        part, conditions = exported_part(module, example_inputs)
+    except Exception as error:  # torch.export's own errors name no common type
+        cause = f"{type(error).__name__}: {first_line(error)[:120]}"
+        return None, None, f"torch.export could not export it either ({cause})"
+    part.meta[EXAMPLE_INPUTS] = tuple(tree_flatten(example_inputs)[0])  # its inputs, as its graph takes them
+    report = fuse_aten_module(part, run)
+    part.meta.pop(EXAMPLE_INPUTS)
+    if not report.changed:
+        return None, None, "exported with torch.export, it has nothing to fuse"
+    try:
+        compare(module, part, example_inputs, None)
+    except ReparamError as error:
+        return None, None, f"its torch.export program was not kept: {first_line(error)[:160]}"
+    report.exported.append(Exported(name, type(module).__name__, reason, conditions))
+    return part, report, ""
 
 
 def fuse_copy(
     model: nn.Module,
-    run: Callable[[GraphModule], FuseReport],
+    run: Callable[..., FuseReport],
     rules: Sequence[Rule],
     leaf_modules: Sequence[type[nn.Module]],
     concrete_args: dict[str, Any] | None,
@@ -339,7 +392,7 @@ def fuse_copy(
     try:
         gm = trace(model, rules, leaf_modules, concrete_args)
     except NotTraceableError as error:
-        return _kept_as_written(copy.deepcopy(model), error, run, rules, leaf_modules, "")
+        return _kept_as_written(copy.deepcopy(model), error, run, rules, leaf_modules, "", example_inputs, {})
     share(gm, model)
     fused, report = _fuse_traced(gm, run, example_inputs, "")
     unshare(gm)
@@ -347,7 +400,7 @@ def fuse_copy(
 
 
 def _fuse_traced(
-    gm: GraphModule, run: Callable[[GraphModule], FuseReport], example_inputs: tuple[Any, ...] | None, path: str
+    gm: GraphModule, run: Callable[..., FuseReport], example_inputs: tuple[Any, ...] | None, path: str
 ) -> tuple[GraphModule, FuseReport]:
     if example_inputs is not None:
         try:
