@@ -205,3 +205,57 @@ def linear_ops(module: nn.Module, args: tuple[Any, ...]) -> int:
     with torch.no_grad(), writes_undone(module), counter:
         module(*tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, args))
     return counter.count
+
+
+_COMBINING = frozenset({"add", "sub", "mul", "div", "cat", "neg", "rsub"})  # linear in a layer's output
+
+
+class _CrossingFinder(TorchDispatchMode):
+    """Finds a linear op that reads a linear layer's output made elsewhere: in another child, or
+    one in the module's own code (outside every child) that reads one at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running: list[int] = []  # the children whose forward is running, outermost first
+        self.made_by: dict[int, int | None] = {}  # id(tensor) -> the child whose layer made it
+        self.alive: list[Tensor] = []  # keeps ids unique for the run
+        self.found = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        current = self.running[0] if self.running else None
+        name = func.overloadpacket.__name__
+        inputs = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Tensor) and id(v) in self.made_by]
+        makers = {self.made_by[id(v)] for v in inputs}
+        layer = name in _LinearOpCounter.NAMES
+        if (layer or name in _COMBINING) and makers and (current is None or makers != {current}):
+            self.found = True
+        if layer or (makers and (name in _COMBINING or func.is_view)):
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, Tensor):
+                    self.made_by[id(value)] = current
+                    self.alive.append(value)
+        return out
+
+
+def crosses_children(module: nn.Module, args: tuple[Any, ...]) -> bool:
+    """Whether a linear op of `module(*args)` reads a linear layer's output made in another child, or
+    runs in the module's own code on one: only then can its export fuse what its children cannot."""
+    finder = _CrossingFinder()
+
+    def enter(child: nn.Module, _args: Any) -> None:
+        finder.running.append(id(child))
+
+    def leave(_child: nn.Module, _args: Any, _out: Any) -> None:
+        finder.running.pop()
+
+    children = called_children(module)
+    handles = [c.register_forward_pre_hook(enter) for c in children]
+    handles += [c.register_forward_hook(leave) for c in children]
+    try:
+        with torch.no_grad(), writes_undone(module), finder:
+            module(*tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, args))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return finder.found

@@ -30,7 +30,7 @@ from .borders import pad_with_border
 from .context import runs_more_than_its_class
 from .errors import InvalidArgumentError, NotTraceableError, ReparamError, first_line
 from .export import fuse_aten_module
-from .exported_parts import Calls, called_children, exported_part, linear_ops, record_calls
+from .exported_parts import Calls, called_children, crosses_children, exported_part, linear_ops, record_calls
 from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import Exported, FuseReport, Untraced
@@ -357,6 +357,8 @@ def _exported(
     """`module` exported and fused with its report, or (None, None, why not)."""
     if runs_more_than_its_class(module) is not None:
         return None, None, ""  # its hooks or patched forward are reported already
+    if not crosses_children(module, example_inputs):
+        return None, None, "torch.export would fuse nothing more: no linear op reads a layer's output across children"
     try:
         part, conditions = exported_part(module, example_inputs)
     except Exception as error:  # torch.export's own errors name no common type

@@ -155,5 +155,24 @@ def test_a_block_exporting_to_no_fewer_layers_is_kept_as_written():
     fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(1, 3, 5, 5, dtype=torch.float64),))
     assert not report.exported and batchnorms(fused) == 0
     (kept,) = [u for u in report.untraced if u.module == "block"]
-    assert "no fewer linear layers" in kept.reason
+    assert "would fuse nothing more" in kept.reason
     assert isinstance(fused.block, SplitAfterConv)
+
+
+def test_a_conv_and_its_bn_as_sibling_layers_of_an_untraceable_block_fold():
+    class Siblings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if len(y) else -y  # torch.fx stops here; descending cannot fold across two layers
+
+    model = _net(Siblings())
+    fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(1, 3, 6, 6, dtype=torch.float64),))
+    assert [e.module for e in report.exported] == ["block"] and batchnorms(fused) == 0
+    assert_same_function(model, fused, torch.randn(1, 3, 5, 4, dtype=torch.float64))
+    assert "Eq(x.shape[0], 1)" in report.exported[0].conditions  # torch.export fixed the batch `len` read
+    with pytest.raises(RuntimeError, match=r"Eq\(x.shape\[0\], 1\)"):
+        fused(torch.randn(2, 3, 5, 4, dtype=torch.float64))
