@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .errors import InvalidArgumentError, first_line
 from .export import finite, without_noops
 from .sharing import writes_undone
+from .verify import cloned
 
 Calls = dict[int, tuple[Any, ...]]  # id(module) -> the positional inputs of its calls in an example forward
 
@@ -63,14 +64,13 @@ def record_calls(module: nn.Module, inputs: tuple[Any, ...], children: Iterable[
         if kwargs:
             seen[id(child)] = None
         elif id(child) not in seen:
-            seen[id(child)] = tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else v, args)
+            seen[id(child)] = cloned(args)  # the run is under no_grad: the copies need no detaching
         elif seen[id(child)] is not None and _signature(seen[id(child)]) != _signature(args):
             seen[id(child)] = None
 
     handles = [child.register_forward_pre_hook(record, with_kwargs=True) for child in children]
     try:
-        with torch.no_grad(), writes_undone(module):
-            module(*tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, inputs))
+        _run_once(module, inputs)
     except Exception as error:
         raise InvalidArgumentError(
             f"the example inputs do not run through the original model ({type(error).__name__}: "
@@ -80,6 +80,12 @@ def record_calls(module: nn.Module, inputs: tuple[Any, ...], children: Iterable[
         for handle in handles:
             handle.remove()
     return {key: args for key, args in seen.items() if args is not None}
+
+
+def _run_once(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """`module(*args)` on copies of the inputs, without autograd, its parameters and buffers restored after."""
+    with torch.no_grad(), writes_undone(module):
+        module(*cloned(args))
 
 
 def _signature(args: tuple[Any, ...]) -> list[Any]:
@@ -202,8 +208,8 @@ class _LinearOpCounter(TorchDispatchMode):
 def linear_ops(module: nn.Module, args: tuple[Any, ...]) -> int:
     """How many linear-layer ops `module(*args)` dispatches."""
     counter = _LinearOpCounter()
-    with torch.no_grad(), writes_undone(module), counter:
-        module(*tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, args))
+    with counter:
+        _run_once(module, args)
     return counter.count
 
 
@@ -253,8 +259,8 @@ def crosses_children(module: nn.Module, args: tuple[Any, ...]) -> bool:
     handles = [c.register_forward_pre_hook(enter) for c in children]
     handles += [c.register_forward_hook(leave) for c in children]
     try:
-        with torch.no_grad(), writes_undone(module), finder:
-            module(*tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, args))
+        with finder:
+            _run_once(module, args)
     finally:
         for handle in handles:
             handle.remove()

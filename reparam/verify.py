@@ -8,6 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_map
 
 from .errors import InvalidArgumentError, VerificationError
 
@@ -52,8 +53,8 @@ def compare(
 
 
 def cloned(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`inputs` with each tensor copied: a forward may write to its input in place."""
-    return tuple(i.clone() if isinstance(i, Tensor) else i for i in inputs)
+    """`inputs` with each tensor copied, in lists and dicts too: a forward may write to its input in place."""
+    return tree_map(lambda value: value.clone() if isinstance(value, Tensor) else value, inputs)
 
 
 def _first_differing_rewrite(traced: GraphModule | None, fused: nn.Module, inputs: tuple[Any, ...]) -> str:
