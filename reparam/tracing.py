@@ -357,6 +357,9 @@ def _exported(
     """`module` exported and fused with its report, or (None, None, why not)."""
     if runs_more_than_its_class(module) is not None:
         return None, None, ""  # its hooks or patched forward are reported already
+    hooked = [n for n, m in module.named_modules() if n and runs_more_than_its_class(m) is not None]
+    if hooked:  # torch.export would run their hooks once, while exporting, and never again
+        return None, None, f"not exported: {', '.join(hooked)} inside it have hooks or a patched forward"
     if not crosses_children(module, example_inputs):
         return None, None, "torch.export would fuse nothing more: no linear op reads a layer's output across children"
     try:

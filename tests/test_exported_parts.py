@@ -176,3 +176,17 @@ def test_a_conv_and_its_bn_as_sibling_layers_of_an_untraceable_block_fold():
     assert "Eq(x.shape[0], 1)" in report.exported[0].conditions  # torch.export fixed the batch `len` read
     with pytest.raises(RuntimeError, match=r"Eq\(x.shape\[0\], 1\)"):
         fused(torch.randn(2, 3, 5, 4, dtype=torch.float64))
+
+
+def test_a_block_with_a_hooked_layer_inside_is_not_exported_and_the_hook_still_runs():
+    model = _net(IdentityWhenShapesAllow(8))
+    seen = []
+    model.block.rbr_1x1.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    x = torch.randn(1, 3, 9, 7, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    assert not report.exported
+    (kept,) = [u for u in report.untraced if u.module == "block"]
+    assert "rbr_1x1 inside it have hooks" in kept.reason
+    seen.clear()
+    assert_same_function(model, fused, x)
+    assert len(seen) == 2  # once in the original, once in the fused model
