@@ -37,7 +37,7 @@ class Context:
         self._calls = Counter(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
         self._owners: dict[int, list[str]] = defaultdict(list)
         for name, module in self._modules.items():
-            for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+            for tensor in _own_tensors(module):
                 self._owners[id(tensor)].append(name or type(gm).__name__)
 
     @property
@@ -111,7 +111,7 @@ class Context:
             refusal = runs_more_than_its_class(module)
             if refusal is not None:
                 raise FusionRefused(refusal.reason, f"{node.target}: {refusal.message}; it is kept as written")
-            tensors = list(itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
+            tensors = _own_tensors(module)
             if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
                 raise FusionRefused(
                     Reason.SHARED_MODULE, f"{node.target} is called at {self._calls[node.target]} places"
@@ -215,3 +215,9 @@ def attribute(gm: GraphModule, node: Node) -> Any:
     for part in str(node.target).split("."):
         owner = getattr(owner, part)
     return owner
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """`module`'s parameters and buffers, not its children's (`parameters(recurse=False)` without
+    its generator machinery, which costs more than the lookup: this runs for every layer, every pass)."""
+    return [t for t in itertools.chain(module._parameters.values(), module._buffers.values()) if t is not None]

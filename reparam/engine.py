@@ -411,18 +411,27 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
 
 
 def _delete_unused_submodules(gm: GraphModule) -> None:
-    """`GraphModule.delete_all_unused_submodules`, in linear time (torch's checks a list per module)."""
-    used: set[str] = set()
+    """`GraphModule.delete_all_unused_submodules`, in linear time (torch's lists each called module's
+    submodules, for every call). A module stays when the graph calls it or reads a tensor of it, when
+    a module inside it stays, or when it is inside a called module."""
+    called: set[str] = set()
+    enclosing: set[str] = set()  # the paths of what the graph calls or reads, and of their parents
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        path = str(node.target).split(".")
-        used.update(".".join(path[:i]) for i in range(1, len(path) + 1))
-        if node.op == "call_module":
-            used.update(f"{node.target}.{name}" for name, _ in gm.get_submodule(node.target).named_modules() if name)
+        if node.op in ("call_module", "get_attr"):
+            path = str(node.target).split(".")
+            enclosing.update(".".join(path[:i]) for i in range(1, len(path) + 1))
+            if node.op == "call_module":
+                called.add(str(node.target))
+    deleted: set[str] = set()
     for name, _ in list(gm.named_modules()):
-        if name and name not in used:
-            gm.delete_submodule(name)
+        if not name or name in enclosing:
+            continue
+        path = name.split(".")
+        parents = {".".join(path[:i]) for i in range(1, len(path))}
+        if parents & called or parents & deleted:
+            continue  # used by the module that calls it, or already gone with its parent
+        gm.delete_submodule(name)
+        deleted.add(name)
 
 
 def _flatten_paths(gm: GraphModule) -> dict[str, str]:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
@@ -186,9 +187,24 @@ def trace(
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None
-    gm = GraphModule(tracer.root, graph, type(model).__name__)
+    gm = _LazyGraphModule(tracer.root, graph, type(model).__name__)  # its code is generated when first run
     gm.meta["reparam_kept"] = tracer.kept
     return gm
+
+
+def _compiled(gm: GraphModule) -> GraphModule:
+    """The fused `gm` as a plain GraphModule, as `symbolic_trace` makes (TorchScript takes no lazy one).
+
+    A trace is a `_LazyGraphModule` (torch.fx's own, made for graphs that are rewritten before they
+    run) so that the code of the unfused graph is never generated and compiled: that was a
+    second of fusing a 5,000-block net. Its state moves to a GraphModule that compiles once.
+    """
+    if not isinstance(gm, _LazyGraphModule):
+        return gm
+    plain = GraphModule(nn.Module(), Graph(), type(gm).__name__)
+    plain.__dict__.update((key, value) for key, value in vars(gm).items() if key != "_graph")
+    plain.graph = gm.graph
+    return plain
 
 
 def _optional_arguments_read(
@@ -400,7 +416,7 @@ def fuse_copy(
         return _kept_as_written(copy.deepcopy(model), error, run, rules, leaf_modules, "", example_inputs, {})
     share(gm, model)
     fused, report = _fuse_traced(gm, run, example_inputs, "")
-    unshare(gm)
+    unshare(fused)
     return fused, report
 
 
@@ -424,4 +440,4 @@ def _fuse_traced(
     gm.meta.pop(EXAMPLE_INPUTS, None)
     kept = gm.meta.get("reparam_kept", {})
     report.untraced += [Untraced(name, type_name, reason) for name, (type_name, reason) in kept.items()]
-    return gm, report.prefixed(path)
+    return _compiled(gm), report.prefixed(path)
