@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections import Counter, defaultdict
@@ -26,19 +27,27 @@ _MOVES_DATA = (torch.cat, torch.concat, torch.concatenate)
 class Context:
     """What rules see of the graph while annotating it."""
 
-    def __init__(self, gm: GraphModule, index: dict[Anchor, list[Rule]]) -> None:
+    def __init__(
+        self, gm: GraphModule, index: dict[Anchor, list[Rule]], modules: dict[str, nn.Module] | None = None
+    ) -> None:
+        """`modules`: `dict(gm.named_modules())`, where the caller has it (one walk serves a whole pass)."""
         self.regions: dict[Node, Region] = {}
         self.refusals: list[Refusal] = []
         self._gm = gm
         self._index = index
-        self._modules = dict(gm.named_modules())
+        self._modules = dict(gm.named_modules()) if modules is None else modules
         self._shared_reported: set[Node] = set()
         self._barriers: dict[Node, tuple[str, FusionRefused]] = {}
         self._calls = Counter(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
-        self._owners: dict[int, list[str]] = defaultdict(list)
+
+    @functools.cached_property
+    def _owners(self) -> dict[int, list[str]]:
+        """The modules holding each tensor (by id), built when a layer is first checked for tied weights."""
+        owners: dict[int, list[str]] = defaultdict(list)
         for name, module in self._modules.items():
             for tensor in _own_tensors(module):
-                self._owners[id(tensor)].append(name or type(gm).__name__)
+                owners[id(tensor)].append(name or type(self._gm).__name__)
+        return owners
 
     @property
     def modules(self) -> dict[str, nn.Module]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 from .kernel import Kernel
 
@@ -52,10 +51,10 @@ NOMINAL = Workload(56 * 56)  # without example inputs: a 56x56 map at batch 1, i
 class Cost:
     """The cost of some computation, per position of its input, and what it costs per call."""
 
-    macs: Fraction  # multiply-accumulates per input position, as reported
+    macs: float  # multiply-accumulates per input position, as reported
     params: int
     work: float  # macs / efficiency: MACs at a dense conv's rate
-    elements: Fraction  # tensor elements read and written per input position
+    elements: float  # tensor elements read and written per input position
     calls: float  # seconds of fixed cost per call
 
     @classmethod
@@ -64,10 +63,10 @@ class Cost:
         density = kernel.output_density
         elements = kernel.in_channels + kernel.out_channels * density
         if kernel.is_channelwise:
-            return cls(Fraction(kernel.out_channels), kernel.params, 0.0, elements, BATCHNORM_CALL)
+            return cls(float(kernel.out_channels), kernel.params, 0.0, elements, BATCHNORM_CALL)
         macs = kernel.macs_per_input
         call = CONV_CALL if kernel.groups == 1 else GROUPED_CONV_CALL
-        return cls(macs, kernel.params, float(macs) / efficiency(kernel), elements, call)
+        return cls(macs, kernel.params, macs / efficiency(kernel), elements, call)
 
     @classmethod
     def elementwise(cls, kernel: Kernel) -> Cost:
@@ -87,17 +86,17 @@ class Cost:
     def __sub__(self, other: Cost) -> Cost:
         return self + Cost(-other.macs, -other.params, -other.work, -other.elements, -other.calls)
 
-    def at_density(self, density: Fraction) -> Cost:
+    def at_density(self, density: float) -> Cost:
         """This cost for an input that has `density` positions per position of the region's input."""
-        return Cost(self.macs * density, self.params, self.work * float(density), self.elements * density, self.calls)
+        return Cost(self.macs * density, self.params, self.work * density, self.elements * density, self.calls)
 
     def seconds(self, load: Workload) -> float:
         """The estimated time of one call on `load`."""
-        per_position = self.work / MAC_RATE + float(self.elements) * load.itemsize / BANDWIDTH
+        per_position = self.work / MAC_RATE + self.elements * load.itemsize / BANDWIDTH
         return self.calls + load.positions * per_position + self.params * load.itemsize / BANDWIDTH
 
 
-FREE = Cost(Fraction(0), 0, 0.0, Fraction(0), 0.0)
+FREE = Cost(0.0, 0, 0.0, 0.0, 0.0)
 
 
 def efficiency(kernel: Kernel) -> float:

@@ -106,15 +106,18 @@ class Engine:
         drop_noops(gm)
         report = FuseReport()
         for index in range(_MAX_PASSES):
-            replaced, replace_refusals = self._replace(gm)
-            _delete_unused_submodules(gm)
+            modules = dict(gm.named_modules())
+            replaced, replace_refusals = self._replace(gm, modules)
+            deleted = _delete_unused_submodules(gm)
             for new, rule in replaced:
                 report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
+            if deleted or replaced:
+                modules = dict(gm.named_modules())
             lower_border_writes(gm)
-            rewrites = Context(gm, self._index)  # its modules and rule index hold through both passes
-            fold_constants(gm, rewrites)
+            rewrites = Context(gm, self._index, modules)
+            fold_constants(gm, rewrites)  # adds tensors, not modules: `modules` holds until the pass ends
             hoist_metadata_reads(gm, rewrites)
-            ctx = self._annotate(gm)
+            ctx = self._annotate(gm, modules)
             fused = self._materialize(gm, ctx, report.timings)
             _delete_unused_submodules(gm)
             for new, region in fused:
@@ -138,8 +141,10 @@ class Engine:
 
     # ---------------------------------------------------------------- replace
 
-    def _replace(self, gm: GraphModule) -> tuple[list[tuple[_NewModule, str]], list[Refusal]]:
-        ctx = Context(gm, self._index)
+    def _replace(
+        self, gm: GraphModule, modules: dict[str, nn.Module]
+    ) -> tuple[list[tuple[_NewModule, str]], list[Refusal]]:
+        ctx = Context(gm, self._index, modules)
         done: list[tuple[_NewModule, str]] = []
         erased: set[Node] = set()
         for node in list(gm.graph.nodes):
@@ -180,9 +185,9 @@ class Engine:
 
     # ---------------------------------------------------------------- annotate
 
-    def _annotate(self, gm: GraphModule) -> Context:
-        ctx = Context(gm, self._index)
-        mutations = Mutations(gm, ctx.modules)
+    def _annotate(self, gm: GraphModule, modules: dict[str, nn.Module]) -> Context:
+        ctx = Context(gm, self._index, modules)
+        mutations = Mutations(gm, modules)
         for node in gm.graph.nodes:
             for rule in self._index.get(ctx.anchor(node), ()):
                 try:
@@ -410,10 +415,10 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
             delattr(owner, name)
 
 
-def _delete_unused_submodules(gm: GraphModule) -> None:
+def _delete_unused_submodules(gm: GraphModule) -> bool:
     """`GraphModule.delete_all_unused_submodules`, in linear time (torch's lists each called module's
-    submodules, for every call). A module stays when the graph calls it or reads a tensor of it, when
-    a module inside it stays, or when it is inside a called module."""
+    submodules, for every call); whether it deleted any. A module stays when the graph calls it or
+    reads a tensor of it, or when it lies inside a called module or around one that stays."""
     called: set[str] = set()
     enclosing: set[str] = set()  # the paths of what the graph calls or reads, and of their parents
     for node in gm.graph.nodes:
@@ -422,16 +427,22 @@ def _delete_unused_submodules(gm: GraphModule) -> None:
             enclosing.update(".".join(path[:i]) for i in range(1, len(path) + 1))
             if node.op == "call_module":
                 called.add(str(node.target))
-    deleted: set[str] = set()
-    for name, _ in list(gm.named_modules()):
-        if not name or name in enclosing:
-            continue
-        path = name.split(".")
-        parents = {".".join(path[:i]) for i in range(1, len(path))}
-        if parents & called or parents & deleted:
-            continue  # used by the module that calls it, or already gone with its parent
-        gm.delete_submodule(name)
-        deleted.add(name)
+    deleted = False
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        nonlocal deleted
+        for name, child in list(module._modules.items()):
+            path = prefix + name
+            if child is None or path in called:
+                continue  # a called module stays with all it holds
+            if path not in enclosing:
+                delattr(module, name)
+                deleted = True
+            else:
+                visit(child, path + ".")
+
+    visit(gm, "")
+    return deleted
 
 
 def _flatten_paths(gm: GraphModule) -> dict[str, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from itertools import product
 
 import torch
@@ -236,13 +235,13 @@ class Kernel:
         return not self.transposed and self.groups == self.in_channels == self.out_channels
 
     @property
-    def output_density(self) -> Fraction:
+    def output_density(self) -> float:
         """Output positions per input position: 1/stride, or stride for a transposed convolution."""
         positions = math.prod(self.stride)
-        return Fraction(positions) if self.transposed else Fraction(1, positions)
+        return float(positions) if self.transposed else 1.0 / positions
 
     @property
-    def macs_per_input(self) -> Fraction:
+    def macs_per_input(self) -> float:
         """Multiply-accumulates per input position."""
         return self.stored_weight.numel() * (1 if self.transposed else self.output_density)
 

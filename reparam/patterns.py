@@ -59,21 +59,22 @@ class State:
     interior: tuple[Node, ...] = ()
     parts: tuple[LinearCapture, ...] = ()
 
+    # written out, not `dataclasses.replace`: a match builds a State per step, for every node a rule anchors on
+
     def bind(self, name: str, node: Node) -> State:
-        return replace(self, vars={**self.vars, name: node})
+        return State({**self.vars, name: node}, self.captures, self.repeated, self.interior, self.parts)
 
     def capture(self, name: str | None, value: Any) -> State:
         if name is None:
             return self
-        if name in self.repeated:
-            return replace(self, captures={**self.captures, name: [*self.captures.get(name, []), value]})
-        return replace(self, captures={**self.captures, name: value})
+        captured = [*self.captures.get(name, []), value] if name in self.repeated else value
+        return State(self.vars, {**self.captures, name: captured}, self.repeated, self.interior, self.parts)
 
     def inside(self, node: Node) -> State:
-        return replace(self, interior=(*self.interior, node))
+        return State(self.vars, self.captures, self.repeated, (*self.interior, node), self.parts)
 
     def with_part(self, part: LinearCapture) -> State:
-        return replace(self, parts=(*self.parts, part))
+        return State(self.vars, self.captures, self.repeated, self.interior, (*self.parts, part))
 
 
 class Pattern:

@@ -15,15 +15,12 @@ after a stride-2 conv runs on a quarter of the positions), priced for the `Workl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 from torch.fx import Node
 
 from .cost import FREE, NOMINAL, Cost, Workload
 from .errors import FusionRefused
 from .kernel import Kernel
-
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,7 +225,7 @@ def _plan_chain(region: Chain, load: Workload, allow_fusion: bool) -> tuple[Plan
     than the chain as written.
     """
     parts = region.parts
-    densities = [Fraction(1)]
+    densities = [1.0]
     for part in parts:
         densities.append(densities[-1] * part.kernel.output_density)
     singles = [_plan(p, load, allow_fusion) for p in parts]
@@ -236,6 +233,8 @@ def _plan_chain(region: Chain, load: Workload, allow_fusion: bool) -> tuple[Plan
     written = [FREE]  # written[i]: the cost of parts[:i], each planned alone
     for cost in single_costs:
         written.append(written[-1] + cost)
+    if not allow_fusion:
+        return Steps(tuple(p for p, _ in singles)), written[-1]
     # best[end]: the cheapest (cost, start, kernel) computing parts[:end], ending with one conv for
     # parts[start:end] (kernel), or with parts[end - 1] planned alone (start = end - 1, kernel None)
     best: list[tuple[Cost, int, Kernel | None]] = [(FREE, 0, None)]
