@@ -21,7 +21,7 @@ from .region import Region
 from .report import Refusal
 from .rules import Anchor, LinearLayer, Rule
 
-_MOVES_DATA = (torch.cat, torch.concat, torch.concatenate)
+_MOVES_DATA = (torch.cat, torch.concat, torch.concatenate, operator.getitem)  # priced as free: copies or views
 
 
 class Context:

@@ -35,6 +35,7 @@ direct child of the GraphModule (`stages.0.conv` -> `stages_0_conv`), so that th
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -347,7 +348,9 @@ class _Emitter:
                 env[node] = copied
             return env[p.region.output]
         name = f"{_TEMP_PREFIX}{len(self.new_convs)}"
-        kernel = p.region.kernel
+        crop, kernel = p.region.kernel.split_crop()
+        if any(crop):
+            source = graph.call_function(operator.getitem, (source, _crop_index(crop)))
         conv = kernel.to_batchnorm() if kernel.is_channelwise else kernel.to_module()  # a BN runs faster
         conv.requires_grad_(any(_trainable(self.gm, n) for n in p.region.sources))
         if self.new_layers is None:
@@ -359,6 +362,11 @@ class _Emitter:
         node.meta["reparam"] = {"rules": sorted(p.region.rules), "sources": list(sources)}
         self.new_convs.append((_NewModule(node, _preferred_name(self.gm, p.region), sources), p.region))
         return node
+
+
+def _crop_index(crop: tuple[int, ...]) -> tuple[Any, ...]:
+    """`x[..., c:-c, ...]`: `crop[d]` cut from both sides of spatial dim d (the last dims, batched or not)."""
+    return (Ellipsis, *(slice(c, -c) if c else slice(None) for c in crop))
 
 
 def _trainable(gm: GraphModule, node: Node) -> bool:

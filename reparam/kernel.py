@@ -442,6 +442,16 @@ class Kernel:
             )
         return replace(self, padding=tuple(p - c for p, c in zip(self.padding, crop)))
 
+    def split_crop(self) -> tuple[tuple[int, ...], Kernel]:
+        """`(crop, k)` with `self(x) = k(x[..., c:-c, ...])`, `crop[d]` cut from both sides of dim d.
+
+        A negative padding (`after_crop`) reads `x` from offset `c` on: the crop it stands for,
+        then `k`, whose padding is what remains (>= 0), which one layer can be written with.
+        """
+        crop = tuple(max(0, -p) for p in self.padding)
+        padding = tuple(max(0, p) for p in self.padding)
+        return crop, replace(self, padding=padding, padding_mode=self.padding_mode if any(padding) else "zeros")
+
     def then_pad(self, padding: tuple[int, ...], mode: str, value: float | Tensor = 0.0) -> Kernel:
         """The kernel computing `pad(self(x))`: exact when self is pointwise and commutes with the pad.
 
@@ -540,7 +550,7 @@ class Kernel:
     def to_module(self) -> nn.Module:
         """An `nn.ConvNd` (`nn.ConvTransposeNd`, `nn.Linear`) computing this kernel, in the original dtype."""
         if any(p < 0 for p in self.padding):
-            raise ValueError(f"no layer has the negative padding {self.padding} (a crop); see `after_crop`")
+            raise ValueError(f"no layer has the negative padding {self.padding} (a crop); see `split_crop`")
         if self.spatial_dims == 0:
             conv = nn.Linear(self.in_channels, self.out_channels, device="meta")
         elif self.transposed:

@@ -95,14 +95,14 @@ class Mutations:
     def __init__(self, gm: GraphModule, modules: dict[str, nn.Module]) -> None:
         self._position = {node: i for i, node in enumerate(gm.graph.nodes)}
         self._alias: dict[Node, Node] = {}
-        for node in gm.graph.nodes:
+        written_by = {node: mutated_input(node, modules) for node in gm.graph.nodes}
+        for node, written in written_by.items():
             base = node.args[0] if node.args and isinstance(node.args[0], Node) else None
-            if base is not None and (node.target in _VIEWS or mutated_input(node, modules) is base):
+            if base is not None and (node.target in _VIEWS or written is base):
                 self._alias[node] = self._base(base)  # a view, or an in-place op's result (its input)
         self._writes: list[tuple[int, Node, Node]] = []  # (position, op, written base)
         self.mutated_attributes: set[str] = set()
-        for node in gm.graph.nodes:
-            written = mutated_input(node, modules)
+        for node, written in written_by.items():
             if written is None:
                 continue
             base = self._base(written)

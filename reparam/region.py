@@ -158,7 +158,14 @@ def ops(p: Plan | None) -> int:
         return sum(ops(s) for s in p.steps)
     if isinstance(p, AsWritten):
         return len(p.region.interior) + sum(ops(part) for _, part in p.parts)
+    if isinstance(p, Fuse):
+        return _fused_ops(p.region.kernel)
     return 0 if p is None else 1
+
+
+def _fused_ops(kernel: Kernel) -> int:
+    """One layer, after the crop its negative padding stands for if it has one."""
+    return 2 if any(p < 0 for p in kernel.padding) else 1
 
 
 def plan(region: Region, load: Workload = NOMINAL, allow_costlier: bool = False) -> tuple[Plan, Cost]:
@@ -180,13 +187,12 @@ def _no_slower(fused: Cost, written: Cost, load: Workload) -> bool:
 
 
 def writable(kernel: Kernel) -> bool:
-    """One layer can be written for `kernel`: a conv of known rank and padding >= 0, or a per-channel map of any rank.
+    """One layer can be written for `kernel`: a conv of known rank, or a per-channel map of any rank.
 
     A kernel of unknown rank that mixes channels or positions (BatchNorm1d composed with a conv
-    whose rank reparam cannot see) has no one layer that is exact on every input.
+    whose rank reparam cannot see) has no one layer that is exact on every input. A negative
+    padding (a crop before a conv) is written as that crop, then the conv (`Kernel.split_crop`).
     """
-    if any(p < 0 for p in kernel.padding):
-        return False  # a crop before a conv: only a larger kernel it is summed into can absorb it
     return kernel.dims_known or kernel.is_channelwise
 
 
@@ -296,8 +302,8 @@ def _sub_chain(parts: tuple[Region, ...], kernel: Kernel) -> Chain:
 
 
 def fuses_anything(p: Plan | None) -> bool:
-    if isinstance(p, Fuse):
-        return True
+    if isinstance(p, Fuse):  # a crop and its conv, re-emitted as the same two ops, fuse nothing
+        return len(p.region.nodes) > _fused_ops(p.region.kernel)
     if isinstance(p, Steps):
         return any(fuses_anything(s) for s in p.steps)
     if isinstance(p, AsWritten):

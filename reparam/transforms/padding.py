@@ -1,7 +1,8 @@
 """Padding as algebra: a pad is folded into the conv after it or the pointwise kernel before it.
 
 A pad before a conv is that conv's padding, and a crop before an unpadded one (ACNet's crop
-path, `x[:, :, c:-c, :]`) a negative padding that a larger kernel it is summed into absorbs,
+path, `x[:, :, c:-c, :]`) a negative padding that a larger kernel it is summed into absorbs
+(else the fused conv is written after the same crop, `Kernel.split_crop`),
 
     conv(pad_p(x); padding q) = conv(x; padding p + q)              (zero pads)
     conv(pad_p,mode(x); padding 0) = conv(x; padding p, padding_mode=mode)

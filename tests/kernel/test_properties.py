@@ -641,7 +641,8 @@ def test_to_batchnorm_refuses_a_kernel_that_mixes_channels_or_positions():
 def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_absorbs(
     k, crop, stride, dilation, groups, seed
 ):
-    """conv(x[c:-c]) == after_crop(conv)(x); summed with a kernel large enough, it is one writable conv."""
+    """conv(x[c:-c]) == after_crop(conv)(x); summed with a kernel large enough, it is one writable conv;
+    alone, it is written as the crop, then the conv (`split_crop`)."""
     torch.manual_seed(seed)
     small = Kernel.from_conv(nn.Conv2d(2, 4, (k, k), stride, dilation=dilation, groups=groups).double())
     cropped = small.after_crop(tuple(crop))
@@ -657,3 +658,7 @@ def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_ab
     if any(crop):
         with pytest.raises(ValueError, match="negative padding"):
             cropped.to_module()
+    cut_off, rest = cropped.split_crop()
+    assert cut_off == tuple(crop) and rest.padding == (0, 0)
+    recut = x[:, :, cut_off[0] : x.shape[2] - cut_off[0], cut_off[1] : x.shape[3] - cut_off[1]]
+    torch.testing.assert_close(rest.to_module()(recut), small(cut), rtol=1e-12, atol=1e-12)

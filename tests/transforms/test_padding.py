@@ -190,7 +190,7 @@ class CropThenConv(nn.Module):
 def test_a_crop_alone_before_a_conv_stays_as_written_and_before_a_padded_conv_is_refused():
     x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
     model = CropThenConv(0).double().eval()
-    fused, report = reparam.fuse_with_report(model)  # no layer has negative padding: nothing to write
+    fused, report = reparam.fuse_with_report(model)  # the crop and the conv would be written again as they are
     assert report.fusions == [] and report.refusals == []
     assert_same_function(model, fused, x)
     model = CropThenConv(1).double().eval()
@@ -198,3 +198,20 @@ def test_a_crop_alone_before_a_conv_stays_as_written_and_before_a_padded_conv_is
     [refusal] = report.refused(Reason.BORDER_NOT_EXACT)
     assert "crop" in refusal.message
     assert_same_function(model, fused, x)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 0), (0, 2), (1, 1)])
+def test_a_crop_before_a_conv_and_bn_folds_the_bn_and_keeps_the_crop(rows, cols):
+    """ACNet's crop layer in front of one conv + BN (no larger kernel to absorb the crop): the BN folds into
+    the conv, and the fused model crops as the original did, batched or not."""
+    model = randomize_batchnorm(
+        nn.Sequential(CropLayer(rows, cols), nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+    ).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and report.refusals == []
+    [conv] = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.padding == (0, 0)
+    for shape in [(2, 3, 2 * rows + 3, 2 * cols + 3), (1, 3, 9, 8)]:
+        assert_same_function(model, fused, torch.randn(*shape, dtype=torch.float64))
+    again, second = reparam.fuse_with_report(fused)
+    assert second.fusions == [] and convs(again) == 1
