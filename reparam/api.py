@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from .measured import Stopwatch
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
+from .sharing import deep_copy
 from .tracing import fuse_copy, fuse_tree, trace
 from .verify import compare, example_inputs_for
 
@@ -147,10 +147,10 @@ def fuse_with_report(
         example_inputs = example_inputs_for(model, input_shape)
     if verify:
         try:
-            traced_original = copy.deepcopy(trace(model, chosen, leaf_modules, concrete_args))
+            traced_original = deep_copy(trace(model, chosen, leaf_modules, concrete_args))
         except ReparamError:
             traced_original = None
-        reference = copy.deepcopy(model) if inplace else model
+        reference = deep_copy(model) if inplace else model
     engine = Engine(chosen, allow_costlier, Stopwatch() if cost == "measure" else None)
     if inplace:
         fused, report = fuse_tree(model, engine.run, chosen, leaf_modules, concrete_args, "", example_inputs)

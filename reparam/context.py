@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.fx import GraphModule, Node
 
 from .errors import FusionRefused, Reason
@@ -61,7 +63,7 @@ class Context:
     def anchor(self, node: Node) -> Anchor:
         """The `(op, target)` rules are indexed by: the module's type for `call_module` nodes."""
         if node.op == "call_module":
-            return (node.op, type(self.module(node)))
+            return (node.op, layer_class(self.module(node)))
         return (node.op, node.target)
 
     def has_rules(self, node: Node) -> bool:
@@ -193,12 +195,30 @@ _KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, n
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
 
 
+def layer_class(module: nn.Module) -> type[nn.Module]:
+    """The class whose forward `module` runs, which rules know it by.
+
+    A module with parametrized tensors (`torch.nn.utils.parametrize`: weight norm, spectral norm,
+    orthogonal) has a class torch.nn derives from its own, adding only the properties that
+    compute those tensors from their originals: it is a layer of the class it derives from, with
+    the weight its parametrization gives (read once, at fuse time, as a constant of the model).
+    """
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
 def runs_more_than_its_class(module: nn.Module) -> FusionRefused | None:
     """Why calling `module` does more than its class's forward (`patched forward`, `hooked module`), or None."""
     if "forward" in vars(module):
         message = "its forward was replaced on the instance, so it may not compute what its class does"
         return FusionRefused(Reason.PATCHED_FORWARD, message)
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    if any(isinstance(h, WeightNorm) for h in hooks):
+        message = (
+            "torch.nn.utils.weight_norm's hook computes its weight from weight_g and weight_v at every call; "
+            "use torch.nn.utils.parametrizations.weight_norm instead (reparam folds it), or call "
+            "torch.nn.utils.remove_weight_norm on the layer before fusing"
+        )
+        return FusionRefused(Reason.HOOKED_MODULE, message)
     if hooks:
         names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
         return FusionRefused(Reason.HOOKED_MODULE, f"it has forward hooks ({names}) that run only while it is called")

@@ -37,6 +37,7 @@ from torch import nn
 
 from .blocks import ACBlock, DilatedReparamBlock, DiverseBranchBlock, MobileOneBlock, RepLKBlock, RepVGGBlock
 from .errors import ReparamError
+from .sharing import deep_copy
 
 __all__ = [
     "ExpandReport",
@@ -217,7 +218,7 @@ def expand_with_report(
     name, build = _resolve(block)
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
-    result = copy.deepcopy(model)
+    result = deep_copy(model)
     plan = _plan(result)
     report = ExpandReport(name, init, plan.traced, skipped=list(plan.skipped), trace_error=plan.trace_error)
     for candidate in plan.candidates:

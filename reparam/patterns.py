@@ -227,7 +227,7 @@ class Module(_Call):
     def accepts(self, node: Node, ctx: Context) -> bool:
         return (
             node.op == "call_module"
-            and type(ctx.module(node)) in self.types
+            and ctx.anchor(node)[1] in self.types
             and len(node.args) == 1
             and not node.kwargs
         )

@@ -35,10 +35,27 @@ class _Shared:
             self.ids.update(id(t) for t in module._buffers.values())
             self.ids.update(id(v) for v in vars(module).values() if isinstance(v, Tensor))  # plain tensor attributes
         self.ids.discard(id(None))
-        self.memo: dict[int, Any] = {}
+        self.memo: dict[int, Any] = _computed_attributes(model)
 
     def copied(self, value: Any) -> Any:
         return copy.deepcopy(value, self.memo) if id(value) in self.ids else value
+
+
+def deep_copy(value: Any) -> Any:
+    """`copy.deepcopy`, also of a module that keeps a tensor computed from its parameters as a plain
+    attribute (`torch.nn.utils.weight_norm` sets `weight` so): deepcopy refuses such a tensor, which is
+    copied detached (its hook computes it again at the next call)."""
+    return copy.deepcopy(value, _computed_attributes(value) if isinstance(value, nn.Module) else {})
+
+
+def _computed_attributes(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo with a detached copy of each plain tensor attribute that has a grad_fn."""
+    return {
+        id(value): value.detach().clone()
+        for module in model.modules()
+        for value in vars(module).values()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
 
 
 def share(gm: GraphModule, model: nn.Module) -> None:

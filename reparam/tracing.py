@@ -10,7 +10,6 @@ reported with the tracer's reason).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import io
 import operator
@@ -28,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from .borders import pad_with_border
-from .context import runs_more_than_its_class
+from .context import layer_class, runs_more_than_its_class
 from .errors import InvalidArgumentError, NotTraceableError, ReparamError, first_line
 from .export import fuse_aten_module
 from .exported_parts import Calls, called_children, crosses_children, exported_part, linear_ops, record_calls
@@ -36,7 +35,7 @@ from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import Exported, FuseReport, Untraced
 from .rules import Rule, plain_functions
-from .sharing import share, unshare, writes_undone
+from .sharing import deep_copy, share, unshare, writes_undone
 from .verify import cloned, compare
 
 
@@ -65,7 +64,7 @@ class _LeafTracer(torch.fx.Tracer):
         return _AssignableProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in self.leaf_types:
+        if layer_class(m) in self.leaf_types:
             return True
         if type(m) in self.untraceable:
             self.kept[module_qualified_name] = (type(m).__name__, self.untraceable[type(m)])
@@ -413,7 +412,7 @@ def fuse_copy(
     try:
         gm = trace(model, rules, leaf_modules, concrete_args)
     except NotTraceableError as error:
-        return _kept_as_written(copy.deepcopy(model), error, run, rules, leaf_modules, "", example_inputs, {})
+        return _kept_as_written(deep_copy(model), error, run, rules, leaf_modules, "", example_inputs, {})
     share(gm, model)
     fused, report = _fuse_traced(gm, run, example_inputs, "")
     unshare(fused)

@@ -183,6 +183,22 @@ def test_fuse_exported_gives_one_conv_per_block(model, x, decomposed) -> None:
     assert conv_count(ep) == 6
 
 
+@pytest.mark.parametrize(
+    "parametrize",
+    [torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm],
+    ids=["weight_norm", "spectral_norm"],
+)
+def test_fuse_exported_folds_a_parametrized_weight_as_fuse_does(parametrize) -> None:
+    model = randomize_batchnorm(nn.Sequential(parametrize(nn.Conv2d(4, 4, 3)), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 4, 9, 8)
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)), verify=True)
+    assert (conv_count(fused), bn_count(fused)) == (1, 0)
+    through_fx = reparam.fuse(model)  # the fx front end folds it as far
+    assert [type(m) for m in through_fx.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))] == [nn.Conv2d]
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-5
+
+
 def test_fuse_exported_keeps_dynamic_dimensions(model) -> None:
     x = torch.randn(2, 3, 16, 16)
     dims = {0: torch.export.Dim.AUTO(max=64), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}

@@ -168,6 +168,42 @@ def test_a_layer_with_hooks_is_kept_with_its_hooks(kind):
     assert_same_function(model, fused, torch.randn(1, 3, 5, 5, dtype=torch.float64))
 
 
+PARAMETRIZATIONS = {
+    "weight_norm": torch.nn.utils.parametrizations.weight_norm,
+    "spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
+    "orthogonal": torch.nn.utils.parametrizations.orthogonal,
+}
+
+
+@pytest.mark.parametrize("name", PARAMETRIZATIONS)
+def test_a_parametrized_weight_is_read_as_the_constant_it_is_in_eval(name):
+    """torch.nn.utils.parametrize subclasses the layer; its weight, computed from its originals, folds with the BN."""
+    conv = PARAMETRIZATIONS[name](nn.Conv2d(4, 4, 3, padding=1))
+    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(4))).double().eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (1, 0) and report.refusals == []
+    assert not torch.nn.utils.parametrize.is_parametrized(next(m for m in fused.modules() if isinstance(m, nn.Conv2d)))
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 7, dtype=torch.float64))
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_hook_based_weight_norm_is_kept_with_its_hook_and_the_report_says_how_to_fold_it():
+    """torch.nn.utils.weight_norm keeps the weight it computed last as a plain tensor with a grad_fn, which
+    deepcopy refuses: the fused model holds a detached copy, and its own hook recomputes it."""
+    conv = torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1).double())
+    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(4))).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    [refusal] = report.refused(Reason.HOOKED_MODULE)
+    assert "parametrizations.weight_norm" in refusal.message and "remove_weight_norm" in refusal.message
+    x = torch.randn(1, 4, 6, 5, dtype=torch.float64)
+    assert_same_function(model, fused, x)
+    with torch.no_grad():
+        next(m for m in fused.modules() if hasattr(m, "weight_g")).weight_g.mul_(2)  # the copy's, not the caller's
+    assert not torch.allclose(fused(x), model(x))
+    assert_same_function(model, reparam.fuse(model, inplace=True), x)
+
+
 class AugmentedThroughAlias(nn.Module):
     """`z = y; z += t; return y`: eager PyTorch changes `y` too (torch.fx alone would return the old `y`)."""
 
