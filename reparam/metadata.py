@@ -15,8 +15,9 @@ layer (one a rule gives a kernel) that keeps what is read:
   scale), which map each element on its own (under autocast a conv may change the dtype).
 
 Moves repeat up the chain (conv -> BN -> read: the read moves to the conv's input), and are
-made only when they end at a tensor no rule folds away (a ReLU's output, the model's input):
-moving a read onto a tensor that is itself inside a region would only move the obstacle. A
+made only when they end at a tensor no rule folds away (a ReLU's output, the model's input) or
+that two nodes already read (a residual sum that also feeds the next block): moving a read
+onto a tensor that is itself inside a region would only move the obstacle. A
 read the rules cannot prove equal stays where it is, and the tensor it reads stays the output
 of a separate region (`shared intermediate`).
 """
@@ -77,10 +78,17 @@ def hoist_metadata_reads(gm: GraphModule, ctx: Context) -> int:
         source = node.args[0]
         while (earlier := _same_metadata_input(source, kept, ctx)) is not None:
             source = earlier
-        if source is not node.args[0] and not ctx.has_rules(source):
+        if source is not node.args[0] and (not ctx.has_rules(source) or _read_twice(source)):
             node.replace_input_with(node.args[0], source)
             moved += 1
     return moved
+
+
+def _read_twice(node: Node) -> bool:
+    """Whether two nodes besides metadata reads use `node`'s values: then no region absorbs it anyway
+    (FastViT's `x + mixer(x)` feeds both the MLP's conv and the residual add), and one more read costs
+    nothing."""
+    return sum(metadata_read(user) is None for user in node.users) >= 2
 
 
 def _same_metadata_input(node: Node, kept: _Kept, ctx: Context) -> Node | None:

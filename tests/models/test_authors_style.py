@@ -139,6 +139,32 @@ def test_fastvit_repmixer_is_one_depthwise_conv():
     assert_same_function(model, fused, torch.randn(2, 8, 7, 5, dtype=torch.float64))
 
 
+class RepMixerBlock(nn.Module):
+    """FastViT's block: the RepMixer's output feeds the MLP's depthwise conv + norm-act and the residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.token_mixer = RepMixer(channels)
+        self.conv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels, bias=False)
+        self.norm = BatchNormAct2d(channels, act=False)
+        self.fc1, self.act, self.fc2 = nn.Conv2d(channels, 2 * channels, 1), nn.GELU(), nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.fc2(self.act(self.fc1(self.norm(self.conv(x)))))
+
+
+def test_fastvit_block_folds_the_norm_act_whose_rank_check_reads_the_conv_output():
+    """The assert's `x.ndim` moves to the mixer's output, which the residual reads anyway: nothing is held apart."""
+    model = randomize_batchnorm(RepMixerBlock(8)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (4, 0)  # mixer, the MLP's depthwise conv (with its BN), fc1, fc2
+    assert sum(n.target is F.batch_norm for n in fused.graph.nodes) == 0
+    assert [r.nodes[0] for r in report.refused(Reason.SHARED_INTERMEDIATE)] == ["add_2"]  # the residual only
+    assert sum(n.target is torch._assert for n in fused.graph.nodes) == 1
+    assert_same_function(model, fused, torch.randn(2, 8, 7, 5, dtype=torch.float64))
+
+
 class Differences(nn.Module):
     """`a - b`, `-a` and `t - a` in each spelling."""
 
