@@ -147,7 +147,8 @@ class RepMixerBlock(nn.Module):
         self.token_mixer = RepMixer(channels)
         self.conv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels, bias=False)
         self.norm = BatchNormAct2d(channels, act=False)
-        self.fc1, self.act, self.fc2 = nn.Conv2d(channels, 2 * channels, 1), nn.GELU(), nn.Conv2d(2 * channels, channels, 1)
+        self.fc1, self.act = nn.Conv2d(channels, 2 * channels, 1), nn.GELU()
+        self.fc2 = nn.Conv2d(2 * channels, channels, 1)
 
     def forward(self, x):
         x = self.token_mixer(x)
