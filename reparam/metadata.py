@@ -14,12 +14,15 @@ layer (one a rule gives a kernel) that keeps what is read:
 * shape (`shape`, `size()`, `numel()`) and dtype: only per-channel affine layers (BatchNorm, a
   scale), which map each element on its own (under autocast a conv may change the dtype).
 
-Moves repeat up the chain (conv -> BN -> read: the read moves to the conv's input), and are
-made only when they end at a tensor no rule folds away (a ReLU's output, the model's input) or
-that two nodes already read (a residual sum that also feeds the next block): moving a read
-onto a tensor that is itself inside a region would only move the obstacle. A
-read the rules cannot prove equal stays where it is, and the tensor it reads stays the output
-of a separate region (`shared intermediate`).
+Moves repeat up the chain (conv -> BN -> read: the read moves to the conv's input), to the
+first tensor that no kernel layer computes. A read of the rank or device always moves there:
+it is what timm's norm-act layers assert, on every conv output, and the tensor at the top of
+a chain (a block's input: a ReLU's output, a residual sum, a squeeze-excite product) is rarely
+absorbed into the region below it anyway. A read of the shape or dtype, which code also
+routes on, moves only when that costs no fold: when no rule folds the tensor away, or two
+nodes already read it (a residual sum that also feeds the next block). A read the rules
+cannot prove equal stays where it is, and the tensor it reads stays the output of a separate
+region (`shared intermediate`).
 """
 
 from __future__ import annotations
@@ -78,17 +81,17 @@ def hoist_metadata_reads(gm: GraphModule, ctx: Context) -> int:
         source = node.args[0]
         while (earlier := _same_metadata_input(source, kept, ctx)) is not None:
             source = earlier
-        if source is not node.args[0] and (not ctx.has_rules(source) or _read_twice(source)):
+        if source is not node.args[0] and (kept is _Kept.RANK_AND_DEVICE or _free(source, ctx)):
             node.replace_input_with(node.args[0], source)
             moved += 1
     return moved
 
 
-def _read_twice(node: Node) -> bool:
-    """Whether two nodes besides metadata reads use `node`'s values: then no region absorbs it anyway
-    (FastViT's `x + mixer(x)` feeds both the MLP's conv and the residual add), and one more read costs
-    nothing."""
-    return sum(metadata_read(user) is None for user in node.users) >= 2
+def _free(node: Node, ctx: Context) -> bool:
+    """Whether one more read of `node` costs no fold: no rule folds it away, or two nodes besides metadata
+    reads use its values, so that no region absorbs it anyway (FastViT's `x + mixer(x)` feeds both the
+    MLP's conv and the residual add)."""
+    return not ctx.has_rules(node) or sum(metadata_read(user) is None for user in node.users) >= 2
 
 
 def _same_metadata_input(node: Node, kept: _Kept, ctx: Context) -> Node | None:

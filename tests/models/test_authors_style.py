@@ -166,6 +166,41 @@ def test_fastvit_block_folds_the_norm_act_whose_rank_check_reads_the_conv_output
     assert_same_function(model, fused, torch.randn(2, 8, 7, 5, dtype=torch.float64))
 
 
+class SqueezeExcite(nn.Module):
+    """timm's style: the block's values scaled by a gate computed from them (`x * gate(x)`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_reduce, self.act, self.conv_expand = nn.Conv2d(channels, 2, 1), nn.ReLU(), nn.Conv2d(2, channels, 1)
+
+    def forward(self, x):
+        return x * self.conv_expand(self.act(self.conv_reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+class EfficientNetBlock(nn.Module):
+    """timm's EfficientNet block (its DepthwiseSeparableConv): dw conv, norm-act, squeeze-excite, pw conv,
+    norm; each norm asserts the rank of its input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn1, self.se = BatchNormAct2d(channels), SqueezeExcite(channels)
+        self.conv_pw, self.bn2 = nn.Conv2d(channels, channels, 1, bias=False), BatchNormAct2d(channels, act=False)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv_pw(self.se(self.bn1(self.conv_dw(x)))))
+
+
+def test_efficientnet_block_folds_the_bn_after_the_squeeze_excite_product():
+    """The pw conv's input is the SE product, which a scale rule anchors on: its rank read moves there anyway."""
+    model = randomize_batchnorm(EfficientNetBlock(8)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) + sum(n.target is F.batch_norm for n in fused.graph.nodes) == 0
+    assert convs(fused) == 4 and not report.refused(Reason.SHARED_INTERMEDIATE)
+    assert sum(n.target is torch._assert for n in fused.graph.nodes) == 2
+    assert_same_function(model, fused, torch.randn(2, 8, 7, 5, dtype=torch.float64))
+
+
 class Differences(nn.Module):
     """`a - b`, `-a` and `t - a` in each spelling."""
 
