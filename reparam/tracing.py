@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
@@ -299,12 +300,18 @@ def _as_sequential(gm: nn.Module) -> nn.Sequential | None:
 
 
 def _copy_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
-    """The plain attributes of `original` (not its submodules, parameters, buffers or nn.Module's state) on `fused`."""
+    """The plain attributes of `original` (not its submodules, parameters, buffers or nn.Module's state) on `fused`.
+
+    On a GraphModule they are also listed where torch.fx keeps attributes through `copy.deepcopy`
+    (`meta["_user_preserved_attributes"]`), which otherwise rebuilds it with only what its graph reads.
+    """
     for key, value in vars(original).items():
         own = key in vars(fused) or key in fused._modules or key in fused._parameters or key in fused._buffers
         if key.startswith("_") or key in ("training", "forward") or own:
             continue  # instance attributes shadow class ones (ultralytics sets `m.type`), as on the original
         setattr(fused, key, value)
+        if isinstance(fused, GraphModule):
+            fused.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[key] = value
 
 
 def fuse_tree(

@@ -6,6 +6,9 @@ The top level iterates its `nn.Sequential` of layers and routes on attributes it
 parent reads stays where it was, with its attributes.
 """
 
+import copy
+import pickle
+
 import torch
 from torch import nn
 
@@ -77,6 +80,12 @@ def test_a_routed_model_keeps_its_layers_attributes_and_container():
     assert "C2f" in {u.type_name for u in report.untraced}
     assert_same_function(model, fused, x)
     assert_same_function(model, fused, torch.randn(2, 3, 8, 13, dtype=torch.float64))
+    copied = copy.deepcopy(fused)  # a fused child keeps them too
+    assert [(m.f, m.i, m.type) for m in copied.model] == [(m.f, m.i, m.type) for m in model.model]
+    unpickled = pickle.loads(pickle.dumps(fused))  # torch.fx skips names nn.Module has (`type`) when unpickling
+    assert [(m.f, m.i) for m in unpickled.model] == [(m.f, m.i) for m in model.model]
+    for again in (copied, unpickled):
+        assert_same_function(model, again, x)
 
 
 def test_a_layer_with_a_forward_set_on_the_instance_is_kept():
