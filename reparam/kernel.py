@@ -19,6 +19,7 @@ with a `Reason`. Weights are held in float64; `to_module` casts back to the orig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import product
 
@@ -41,8 +42,8 @@ class Kernel:
     `weight` has shape `(out_channels, in_channels // groups, *kernel_size)`, or for a transposed
     convolution `(in_channels, out_channels // groups, *kernel_size)`; `dtype` is the dtype to
     cast back to. A layer's weight is kept as the layer holds it and converted to float64 the
-    first time its values are read (`weight`): most kernels of a graph are never composed, and
-    their geometry alone decides that. Build kernels with the constructors (`conv`, `from_conv`,
+    first time its values are read (`weight`), and a composed weight (`then`) is computed then:
+    most kernels of a graph are never written, and their geometry alone decides that. Build kernels with the constructors (`conv`, `from_conv`,
     `from_batchnorm`, `affine`, `identity`); they normalise the geometry so that equal maps
     have equal geometry (a size-1 dimension has dilation 1, an unpadded kernel has padding
     mode "zeros").
@@ -189,14 +190,16 @@ class Kernel:
 
     @property
     def weight(self) -> Tensor:
-        """The weight in float64 (converted once, on first read)."""
+        """The weight in float64 (converted, or composed, once: on first read)."""
+        if self.stored_weight.is_meta:
+            object.__setattr__(self, "stored_weight", getattr(self.stored_weight, _COMPUTE)())
         if self.stored_weight.dtype != torch.float64:
             object.__setattr__(self, "stored_weight", self.stored_weight.to(torch.float64))
         return self.stored_weight
 
     @property
     def device(self) -> torch.device:
-        return self.stored_weight.device
+        return self.bias.device  # the weight's, which may not be computed yet
 
     @property
     def spatial_dims(self) -> int:
@@ -295,18 +298,23 @@ class Kernel:
             dilation.append(lattice)
             starts.append(s1 * d2 // lattice)
             steps.append(d1 // lattice if k1 > 1 else 1)  # a single tap needs no spacing
-        weight = w1.new_zeros(groups, after.out_channels // groups, self.in_channels // groups, *size)
-        for taps in product(*(range(k) for k in after.kernel_size)):
-            window = tuple(
-                slice(start * u, start * u + step * (k1 - 1) + 1, step)
-                for start, step, u, k1 in zip(starts, steps, taps, self.kernel_size)
-            )
-            weight[(..., *window)] += torch.einsum(equation, w2[(..., *taps)], w1)
+        taps_of_after = after.kernel_size
+
+        def composed() -> Tensor:
+            weight = w1.new_zeros(groups, after.out_channels // groups, self.in_channels // groups, *size)
+            for taps in product(*(range(k) for k in taps_of_after)):
+                window = tuple(
+                    slice(start * u, start * u + step * (k1 - 1) + 1, step)
+                    for start, step, u, k1 in zip(starts, steps, taps, self.kernel_size)
+                )
+                weight[(..., *window)] += torch.einsum(equation, w2[(..., *taps)], w1)
+            return weight.reshape(after.out_channels, -1, *size)
+
         grouped = after.weight.view(after.groups, -1, *after.weight.shape[1:])
         bias = after.bias + torch.einsum("gom...,gm->go", grouped, self.bias.view(after.groups, -1)).reshape(-1)
         return Kernel(
             dims_known=self.dims_known or after.dims_known,
-            stored_weight=weight.reshape(after.out_channels, -1, *size),
+            stored_weight=_deferred((after.out_channels, self.in_channels // groups, *size), composed),
             bias=bias,
             stride=tuple(s1 * s2 for s1, s2 in zip(self.stride, after.stride)),
             padding=padding,
@@ -336,13 +344,20 @@ class Kernel:
     def _scaled(self, after: Kernel) -> Kernel:
         """`self` followed by a per-channel scale s and shift t (a BatchNorm): W' = s W, b' = s b + t."""
         scale = after.weight.reshape(-1)
-        weight = self.stored_weight.to(torch.float64, copy=True)  # scaled in place: one new tensor
-        if self.transposed:  # output channels run along dim 1, within each group
-            groups, size = self.groups, [1] * self.spatial_dims
-            grouped = weight.view(groups, -1, self.out_channels // groups, *self.kernel_size)
-            grouped.mul_(scale.view(groups, 1, -1, *size))
-        else:
-            weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)))
+
+        def scaled() -> Tensor:
+            stored = self.stored_weight
+            weight = self.weight.clone() if stored.is_meta else stored.to(torch.float64, copy=True)
+            if self.transposed:  # output channels run along dim 1, within each group
+                groups, size = self.groups, [1] * self.spatial_dims
+                grouped = weight.view(groups, -1, self.out_channels // groups, *self.kernel_size)
+                grouped.mul_(scale.view(groups, 1, -1, *size))
+            else:
+                weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)))
+            return weight
+
+        lazy = self.stored_weight.is_meta  # composed, not computed yet: scale it when it is
+        weight = _deferred(tuple(self.stored_weight.shape), scaled) if lazy else scaled()  # one new tensor
         return replace(
             self, stored_weight=weight, bias=self.bias * scale + after.bias, dims_known=self.dims_known or after.dims_known
         )
@@ -715,3 +730,19 @@ def _resolve_padding(
             )
         return tuple(t // 2 for t in total)
     return _expand(padding, len(size))
+
+
+_COMPUTE = "_reparam_compute"
+
+
+def _deferred(shape: tuple[int, ...], compute: Callable[[], Tensor]) -> Tensor:
+    """A weight of `shape` computed by `compute()` when a `Kernel` first reads its values.
+
+    Composing a chain builds the kernel of every prefix while annotating, and most are never
+    written: the planner keeps a depthwise 7x7 and the 1x1 after it apart, priced from their
+    shapes alone, where the composed dense 7x7 (1152 x 384 x 7 x 7 in FastViT) took a second to
+    build. A meta tensor has the shape without the values; `compute` rides on it.
+    """
+    weight = torch.empty(shape, dtype=torch.float64, device="meta")
+    setattr(weight, _COMPUTE, compute)
+    return weight

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
+from reparam.cost import Cost
 from reparam.kernel import Kernel, aligned
 from tests.strategies import (
     CONV_CLASSES,
@@ -662,3 +663,17 @@ def test_a_crop_before_an_unpadded_conv_is_a_negative_padding_a_larger_kernel_ab
     assert cut_off == tuple(crop) and rest.padding == (0, 0)
     recut = x[:, :, cut_off[0] : x.shape[2] - cut_off[0], cut_off[1] : x.shape[3] - cut_off[1]]
     torch.testing.assert_close(rest.to_module()(recut), small(cut), rtol=1e-12, atol=1e-12)
+
+
+def test_a_composed_weight_is_computed_when_first_read_and_its_cost_needs_none_of_it():
+    """A depthwise 7x7, a BN and a 1x1 compose to a dense 7x7 that the planner prices from its shape alone."""
+    torch.manual_seed(0)
+    dw = Kernel.from_conv(nn.Conv2d(6, 6, 7, padding=3, groups=6).double())
+    bn = Kernel.affine(torch.rand(12, dtype=torch.float64) + 0.5, torch.randn(12, dtype=torch.float64), 2)
+    pw = Kernel.from_conv(nn.Conv2d(6, 12, 1).double())
+    composed = dw.then(pw).then(bn)
+    assert composed.stored_weight.is_meta and composed.kernel_size == (7, 7) and composed.groups == 1
+    assert Cost.of(composed).params == 12 * 6 * 49 + 12 and composed.stored_weight.is_meta
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(composed(x), bn(pw(dw(x))), rtol=1e-12, atol=1e-12)
+    assert not composed.stored_weight.is_meta
