@@ -10,6 +10,7 @@ reported with the tracer's reason).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import operator
@@ -75,6 +76,43 @@ class _LeafTracer(torch.fx.Tracer):
             self.kept[module_qualified_name] = (type(m).__name__, f"{refusal.message}; kept as written so it runs")
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, torch.fx.Proxy]) -> Any:
+        """torch.fx's `getattr`: a parameter or buffer read in forward becomes a `get_attr` of its path.
+
+        Its path is looked up by identity in a dict built once, where torch.fx scans every parameter
+        and buffer of the model at each read: quadratic in a model whose forwards read their own
+        tensors, as timm's norm-act layers (`F.batch_norm(x, self.running_mean, ...)`) do.
+        """
+        parameters, buffers = self._tensor_paths
+        path = parameters.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if path is None and self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor):
+            path = buffers.get(id(attr_val))
+        if path is None:
+            return attr_val
+        if path not in parameter_proxy_cache:
+            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+        return parameter_proxy_cache[path]
+
+    def create_arg(self, a: Any) -> Any:
+        """torch.fx's `create_arg`, with a parameter or buffer passed as an argument found by its id (as in `getattr`)."""
+        if isinstance(a, torch.Tensor):
+            parameters, buffers = self._tensor_paths
+            path = parameters.get(id(a)) if isinstance(a, nn.Parameter) else buffers.get(id(a))
+            if path is not None:
+                return self.create_node("get_attr", path, (), {})
+        return super().create_arg(a)
+
+    @functools.cached_property
+    def _tensor_paths(self) -> tuple[dict[int, str], dict[int, str]]:
+        """The first path of each parameter and of each buffer of the traced model, by id (as torch.fx finds them)."""
+        parameters: dict[int, str] = {}
+        buffers: dict[int, str] = {}
+        for name, tensor in self.root.named_parameters():
+            parameters.setdefault(id(tensor), name)
+        for name, tensor in self.root.named_buffers():
+            buffers.setdefault(id(tensor), name)
+        return parameters, buffers
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
         try:

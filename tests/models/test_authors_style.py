@@ -353,3 +353,28 @@ def test_levit_linear_norm_is_refused_with_the_reason_when_the_rank_is_unknown_o
     fused = reparam.fuse(model, example_inputs=(grid,))
     assert batchnorms(fused) == 0
     assert_same_function(model, fused, grid)
+
+
+class ReadsItsTensors(nn.Module):
+    """Forward reads its own parameters and buffers (one tied under two names), and passes one as an argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.alias = self.conv  # the same layer, and its weight, under a second name
+        self.register_buffer("shift", torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.alias.weight, self.conv.bias, padding=1)
+        return torch.add(y, self._buffers["shift"]) * self.conv.weight.mean()  # a real tensor, not a read
+
+
+def test_the_tracer_names_each_tensor_read_in_forward_as_torch_fx_does():
+    """reparam's tracer finds the path of a tensor read in forward by its id; torch.fx scans for it."""
+    from reparam.registry import resolve
+    from reparam.tracing import trace
+
+    model = ReadsItsTensors().eval()
+    ours = [(n.op, n.target) for n in trace(model, resolve("default")).graph.nodes if n.op == "get_attr"]
+    theirs = [(n.op, n.target) for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "get_attr"]
+    assert ours == theirs and ("get_attr", "conv.weight") in ours and ("get_attr", "shift") in ours
