@@ -95,7 +95,7 @@ class _LeafTracer(torch.fx.Tracer):
         return parameter_proxy_cache[path]
 
     def create_arg(self, a: Any) -> Any:
-        """torch.fx's `create_arg`, with a parameter or buffer passed as an argument found by its id (as in `getattr`)."""
+        """torch.fx's `create_arg`, a parameter or buffer passed as an argument found by its id (as in `getattr`)."""
         if isinstance(a, torch.Tensor):
             parameters, buffers = self._tensor_paths
             path = parameters.get(id(a)) if isinstance(a, nn.Parameter) else buffers.get(id(a))
