@@ -5,7 +5,8 @@ weight standardization, OREPA-style kernels generated from parameters, `weight +
 LoRA's `B @ A * scale`. In an eval-mode model such a subgraph depends only on parameters and
 buffers, so it has one value: `fold_constants` evaluates it once, in float64, casts the result
 to the dtype forward would have produced, and stores it on the GraphModule as a buffer read by
-one `get_attr` node. Rules then see a constant like any other.
+one `get_attr` node; a number (a padding computed from a weight's shape, as timm's HaloNet
+does) is written into the nodes that read it. Rules then see a constant like any other.
 
 A subgraph is folded when:
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_aggregate
+from torch.fx.node import map_aggregate, map_arg
 
 from .context import Context, attribute, reshapes
 from .mutation import Mutations, mutated_input
@@ -56,6 +57,11 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
     if not frontier:
         return 0
     values = _evaluate(gm, _ancestors(frontier), frontier)
+    for node in [n for n in frontier if _is_number(values[n])]:  # a size read of a weight: written as the number
+        for user in list(node.users):
+            user.args = map_arg(user.args, lambda a, node=node: values[node] if a is node else a)
+            user.kwargs = map_arg(user.kwargs, lambda a, node=node: values[node] if a is node else a)
+    frontier = [n for n in frontier if isinstance(values[n], torch.Tensor)]
     names = (f"{_PREFIX}{i}" for i in itertools.count() if not hasattr(gm, f"{_PREFIX}{i}"))
     for node in frontier:
         name = next(names)
@@ -68,6 +74,13 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
         if node in constant and not node.users:
             gm.graph.erase_node(node)
     return len(frontier)
+
+
+def _is_number(value: Any) -> bool:
+    """A Python number, or a tuple of them (`weight.shape[2:]`): a literal a graph can hold."""
+    if isinstance(value, tuple):
+        return all(_is_number(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, torch.Tensor)
 
 
 def _ancestors(nodes: list[Node]) -> set[Node]:

@@ -143,6 +143,24 @@ def test_a_computed_kernel_of_a_float32_model_is_folded_in_float64():
     assert error_fused <= 2 * error_original + 1e-6
 
 
+def test_a_size_computed_from_a_weight_stays_a_number_and_the_kernel_still_folds():
+    """timm's HaloNet style: a padding computed in forward from a parameter's shape (an int, not a tensor)."""
+
+    class SizedFromWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.weight * 0.5, padding=self.weight.shape[-1] // 2))
+
+    model = randomize_batchnorm(SizedFromWeight()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (1, 0, 1)
+    assert_same_function(model, fused, torch.randn(1, 4, 6, 5, dtype=torch.float64))
+
+
 def test_a_random_op_on_parameters_is_not_folded():
     class Noisy(nn.Module):
         def __init__(self) -> None:
