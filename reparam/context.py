@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from .errors import FusionRefused, Reason
 from .kernel import Kernel
@@ -80,11 +81,11 @@ class Context:
             return value
         if value.op == "get_attr":
             return attribute(self._gm, value)
-        if reshapes(value):
-            args = [self.constant(a) if isinstance(a, Node) else a for a in value.args]
+        if reshapes(value):  # its arguments too, inside tuples (an index `w[:, idx]`)
+            args, kwargs = map_arg(value.args, self.constant), map_arg(value.kwargs, self.constant)
             if value.op == "call_method":
-                return getattr(args[0], value.target)(*args[1:], **value.kwargs)
-            return value.target(*args, **value.kwargs)
+                return getattr(args[0], value.target)(*args[1:], **kwargs)
+            return value.target(*args, **kwargs)
         raise FusionRefused(
             Reason.NOT_CONSTANT, f"{describe(value)} is computed in forward, so it is not a constant of the model"
         )

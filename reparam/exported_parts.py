@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InvalidArgumentError, first_line
 from .export import finite, without_noops
-from .sharing import writes_undone
+from .sharing import attributes_undone, writes_undone
 from .verify import cloned
 
 Calls = dict[int, tuple[Any, ...]]  # id(module) -> the positional inputs of its calls in an example forward
@@ -83,8 +83,8 @@ def record_calls(module: nn.Module, inputs: tuple[Any, ...], children: Iterable[
 
 
 def _run_once(module: nn.Module, args: tuple[Any, ...]) -> None:
-    """`module(*args)` on copies of the inputs, without autograd, its parameters and buffers restored after."""
-    with torch.no_grad(), writes_undone(module):
+    """`module(*args)` on copies of the inputs, without autograd, its tensors and attributes restored after."""
+    with torch.no_grad(), writes_undone(module), attributes_undone(module):
         module(*cloned(args))
 
 

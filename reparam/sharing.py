@@ -111,5 +111,44 @@ def writes_undone(module: nn.Module) -> Iterator[list[str]]:
                     tensor.copy_(value)
 
 
+@contextmanager
+def attributes_undone(module: nn.Module) -> Iterator[None]:
+    """Run the block, then put back the plain attributes of `module` and its submodules as they were.
+
+    Tracing runs forward's Python on Proxies, and Python state it writes keeps them: LeViT caches
+    its attention biases in a dict (`self.attention_bias_cache[str(device)] = ...`), which a trace
+    filled with a Proxy of its graph, for the caller's model to hold and the next trace to read
+    as if it were a value. Dicts, lists and sets are restored in place (whoever holds one sees
+    its old contents), other values rebound, and attributes the block added removed.
+    """
+    saved = []
+    for owner in module.modules():
+        values = _plain(owner)
+        contents = {name: copy.copy(value) for name, value in values.items() if isinstance(value, _CONTAINERS)}
+        saved.append((owner, values, contents))
+    try:
+        yield
+    finally:
+        for owner, values, contents in saved:
+            for name in set(_plain(owner)) - set(values):
+                del owner.__dict__[name]
+            owner.__dict__.update(values)
+            for name, content in contents.items():
+                container = values[name]
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(content)
+                else:
+                    container.update(content)
+
+
+_CONTAINERS = (dict, list, set)
+
+
+def _plain(module: nn.Module) -> dict[str, Any]:
+    """The attributes forward's Python may write: not nn.Module's own state (`_modules`, hooks, ...)."""
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
 def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
     return [*module.named_parameters(), *module.named_buffers()]

@@ -37,7 +37,7 @@ from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import Exported, FuseReport, Untraced
 from .rules import Rule, plain_functions
-from .sharing import deep_copy, share, unshare, writes_undone
+from .sharing import attributes_undone, deep_copy, share, unshare, writes_undone
 from .verify import cloned, compare
 
 
@@ -193,7 +193,7 @@ def trace(
     untraceable: dict[type, str] = {}
     while True:
         tracer = _LeafTracer(leaf_types | frozenset(leaf_modules), plain_functions(rules), untraceable)
-        with writes_undone(model) as written:
+        with writes_undone(model) as written, attributes_undone(model):
             try:
                 graph = tracer.trace(model, concrete_args)
                 break

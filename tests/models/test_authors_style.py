@@ -378,3 +378,39 @@ def test_the_tracer_names_each_tensor_read_in_forward_as_torch_fx_does():
     ours = [(n.op, n.target) for n in trace(model, resolve("default")).graph.nodes if n.op == "get_attr"]
     theirs = [(n.op, n.target) for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "get_attr"]
     assert ours == theirs and ("get_attr", "conv.weight") in ours and ("get_attr", "shift") in ours
+
+
+class CachedBias(nn.Module):
+    """LeViT's style: in eval, a tensor computed from parameters is cached in a dict keyed by the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.biases = nn.Parameter(torch.randn(4, 3))
+        self.register_buffer("index", torch.tensor([0, 2, 1, 0]), persistent=False)
+        self.bias_cache: dict[str, torch.Tensor] = {}
+
+    def bias(self, device):
+        if self.training:
+            return self.biases[torch.arange(4), self.index]
+        key = str(device)
+        if key not in self.bias_cache:
+            self.bias_cache[key] = self.biases[torch.arange(4), self.index]
+        return self.bias_cache[key]
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bias(x.device).view(1, -1, 1, 1)
+
+
+def test_python_state_a_trace_writes_is_put_back_and_a_second_fuse_works():
+    """The trace ran `bias_cache[key] = <Proxy>`: the caller's model kept it, and the next trace read it."""
+    model = randomize_batchnorm(CachedBias()).double().eval()
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64)
+    model(x)
+    cache = model.bias_cache
+    before = dict(cache)
+    for _ in range(2):
+        fused = reparam.fuse(model)
+        assert model.bias_cache is cache and cache.keys() == before.keys()
+        assert convs(fused) == 1 and batchnorms(fused) == 0
+        assert_same_function(model, fused, x)
