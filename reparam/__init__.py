@@ -24,7 +24,7 @@ from .export import fuse_exported, fuse_exported_with_report
 from .kernel import Kernel
 from .patterns import BN, Add, AnyOf, Call, Cat, Const, Conv, Linear, Match, Module, Mul, Neg, Sub, Var
 from .registry import RuleSet, register, register_layer, register_replacement, rule_set
-from .report import FuseReport, Fusion, Refusal, Replacement, Untraced
+from .report import FuseReport, Fusion, Refusal, Replacement, Unfused, Untraced
 from .rules import LinearLayer, PatternRule, ReplacementRule, Rule
 from .transforms import BUILTIN_RULES
 
@@ -64,6 +64,7 @@ __all__ = [
     "StrictModeError",
     "Sub",
     "TrainingModeError",
+    "Unfused",
     "Untraced",
     "VerificationError",
     "Var",

@@ -697,6 +697,7 @@ def _document(command: str, args: argparse.Namespace, result: _Result) -> dict[s
         "untraced": [_jsonable(dataclasses.asdict(u)) for u in report.untraced],
         "timings": [_jsonable(dataclasses.asdict(t)) for t in report.timings],
         "exported": [_jsonable(dataclasses.asdict(e)) for e in report.exported],
+        "unfused": [_jsonable(dataclasses.asdict(u)) for u in report.unfused],
     }
 
 

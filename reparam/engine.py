@@ -71,7 +71,7 @@ from .region import (
     writable,
 )
 from .measured import CLOSE, Stopwatch, winner
-from .report import Form, FuseReport, Fusion, Refusal, Replacement, Timing
+from .report import Form, FuseReport, Fusion, Refusal, Replacement, Timing, Unfused
 from .rules import Anchor, ReplacementRule, Rule
 from .sharing import owned
 
@@ -133,6 +133,8 @@ class Engine:
                 f"rules were still rewriting the graph after {_MAX_PASSES} passes: does a replacement rule match "
                 "the module it returns?"
             )
+        # the last pass changed nothing: its context is that of the graph as returned
+        report.unfused = _unfused(gm, ctx, report.refusals + ctx.refusals)
         moved = _flatten_paths(gm) if flatten else {}
         report.fusions = [replace(f, module=moved.get(f.module, f.module)) for f in report.fusions]
         report.replacements = [replace(r, module=moved.get(r.module, r.module)) for r in report.replacements]
@@ -487,6 +489,37 @@ def _flatten_paths(gm: GraphModule) -> dict[str, str]:
             node.target = f"{moved[owner]}.{name}" if owner in moved else move(str(node.target))
     _delete_unused_submodules(gm)
     return moved
+
+
+def _unfused(gm: GraphModule, ctx: Context, refusals: list[Refusal]) -> list[Unfused]:
+    """The per-channel layers of the original graph still in it that no refusal names, each with why it stays."""
+    named = {name for refusal in refusals for name in refusal.nodes}
+    unfused = []
+    for node in gm.graph.nodes:
+        if "reparam" in node.meta or describe(node) in named or not ctx.has_rules(node):
+            continue
+        try:
+            if not ctx.layer_kernel(node).is_channelwise:
+                continue
+        except FusionRefused:
+            continue
+        source = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+        before = f"reads {_called(ctx, source)}" if source is not None else "reads no tensor of the graph"
+        after = ", ".join(_called(ctx, u) for u in node.users) or "nothing"
+        reason = f"{before} and feeds {after}: no rule folds it into a layer beside it"
+        unfused.append(Unfused(describe(node), _kind(ctx, node), reason))
+    return unfused
+
+
+def _called(ctx: Context, node: Node) -> str:
+    """`node` as users know it, with what it calls: `stem.act (ReLU)`, `add (add)`."""
+    return f"{describe(node)} ({_kind(ctx, node)})"
+
+
+def _kind(ctx: Context, node: Node) -> str:
+    if node.op == "call_module":
+        return type(ctx.module(node)).__name__
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.op)
 
 
 def _mutation_refusal(op: Node, end: Node) -> FusionRefused:

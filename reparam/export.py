@@ -341,6 +341,8 @@ def _named_by_modules(gm: GraphModule, report: FuseReport, paths: dict[str, str]
         [dataclasses.replace(r, sources=names(r.sources)) for r in report.replacements],
         list(report.untraced),
         [dataclasses.replace(t, sources=names(t.sources)) for t in report.timings],
+        list(report.exported),
+        [dataclasses.replace(u, layer=names((u.layer,))[0]) for u in report.unfused],
     )
 
 

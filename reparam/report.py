@@ -60,6 +60,19 @@ class Exported:
 
 
 @dataclass(frozen=True)
+class Unfused:
+    """A per-channel layer (a BatchNorm, a scale) left in the fused model that no refusal names, and why.
+
+    Such a layer is usually folded; it stays where no rule folds it into a layer beside it (it reads
+    a ReLU's output or a concatenation and feeds a ReLU, as in pre-activation nets).
+    """
+
+    layer: str
+    type_name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Refusal:
     """A structural match that was left as written, with the reason and the nodes at fault."""
 
@@ -98,6 +111,7 @@ class FuseReport:
     untraced: list[Untraced] = field(default_factory=list)
     timings: list[Timing] = field(default_factory=list)
     exported: list[Exported] = field(default_factory=list)
+    unfused: list[Unfused] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -116,6 +130,7 @@ class FuseReport:
         self.untraced += other.untraced
         self.timings += other.timings
         self.exported += other.exported
+        self.unfused += other.unfused
 
     def prefixed(self, path: str) -> FuseReport:
         """This report with module and node names taken relative to the submodule at `path`."""
@@ -132,10 +147,11 @@ class FuseReport:
             [replace(u, module=path + u.module) for u in self.untraced],
             [replace(t, sources=names(t.sources)) for t in self.timings],
             [replace(e, module=path + e.module) for e in self.exported],
+            [replace(u, layer=path + u.layer) for u in self.unfused],
         )
 
     def __str__(self) -> str:
-        if not (self.changed or self.refusals or self.untraced or self.exported):
+        if not (self.changed or self.refusals or self.untraced or self.exported or self.unfused):
             return "nothing to fuse: no exact, cheaper rewrite applies (an already fused model reads so)"
         lines = [
             f"{len(self.fusions)} fusion(s), {len(self.replacements)} replacement(s), "
@@ -153,6 +169,8 @@ class FuseReport:
             lines.append(f"  refused {', '.join(r.nodes):<28} [{r.rule}] {r.reason.value}: {r.message}")
         for u in self.untraced:
             lines.append(f"  untraced {u.module} ({u.type_name}), kept as written (layers inside fused): {u.reason}")
+        for k in self.unfused:
+            lines.append(f"  kept    {k.layer:<28} ({k.type_name}) {k.reason}")
         for e in self.exported:
             where = f", valid where {_readable(e.conditions)} (checked on each call)" if e.conditions else ""
             lines.append(f"  exported {e.module} ({e.type_name}), fused through torch.export{where}: {e.reason}")

@@ -97,7 +97,7 @@ def test_fuse_a_pickled_module_with_verify_and_json(files, tmp_path) -> None:
         "seconds_before",
         "seconds_after",
     }
-    assert document["refusals"] == [] and document["untraced"] == []
+    assert document["refusals"] == [] and document["untraced"] == [] and document["unfused"] == []
     assert document["verified"]["max_rel_error"] < 1e-5
     assert "fusing" in result.stderr  # progress goes to stderr
 

@@ -414,3 +414,27 @@ def test_python_state_a_trace_writes_is_put_back_and_a_second_fuse_works():
         assert model.bias_cache is cache and cache.keys() == before.keys()
         assert convs(fused) == 1 and batchnorms(fused) == 0
         assert_same_function(model, fused, x)
+
+
+class PreActivation(nn.Module):
+    """DPN's and DenseNet's style: BN -> ReLU -> conv, after a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn, self.act, self.conv = nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.conv(self.act(self.bn(y)))
+
+
+def test_a_bn_no_layer_can_take_is_listed_with_why():
+    model = randomize_batchnorm(PreActivation()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) == 1 and report.refusals == []
+    [kept] = report.unfused
+    assert (kept.layer, kept.type_name) == ("bn", "BatchNorm2d")
+    assert "reads cat" in kept.reason and "feeds act (ReLU)" in kept.reason
+    assert "kept    bn" in str(report) and not str(report).startswith("nothing to fuse")
+    assert_same_function(model, fused, torch.randn(1, 3, 5, 6, dtype=torch.float64))
