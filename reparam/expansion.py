@@ -463,7 +463,8 @@ def acb_expander(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, init: str) -> nn.Mo
 def dbb_expander(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, init: str) -> nn.Module:
     """The Diverse Branch Block: KxK, 1x1, 1x1-avg and 1x1-KxK branches (`DiverseBranchBlock`). K odd, >= 3."""
     k = check_geometry(conv, "dbb", lambda k: k >= 3, "K >= 3")
-    block = DiverseBranchBlock(conv.in_channels, conv.out_channels, k, _stride(conv), conv.groups)  # type: ignore[arg-type]
+    stride = _stride(conv)
+    block = DiverseBranchBlock(conv.in_channels, conv.out_channels, k, stride, conv.groups)  # type: ignore[arg-type]
     zeroed = [block.pointwise.bn if block.pointwise is not None else None, block.avg.avgbn, block.kxk.bn2]
     return _finish(block, block.origin, zeroed, conv, bn, init)
 
