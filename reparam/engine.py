@@ -17,8 +17,9 @@ Each pass:
 
 Cost, for a graph of n nodes: each pass is O(n) Python work plus the tensor arithmetic of what it
 fuses. Replace visits each node's anchor once; annotate extends each region from its inputs'
-regions in O(1) kernel operations, and composes a tensor to float64 only when a rule reads its
-values (`Kernel` converts lazily, once per tensor); the plan of a chain of m parts tries segments
+regions in O(1) kernel operations, and converts a tensor to float64 only when a rule reads its
+values (`Kernel` converts lazily, once per tensor; a composed weight is computed only when it is
+written or composed further); the plan of a chain of m parts tries segments
 starting at most four parts back or extending the last fused one, with costs as prefix sums,
 so O(m); materialize erases in one scan and names each new conv after its layers, trying
 variants of the name one at a time (usually the first is free). Passes are at most

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor, nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -112,6 +112,9 @@ def exported_part(module: nn.Module, args: tuple[Any, ...]) -> tuple[GraphModule
     return without_noops(part), conditions
 
 
+_Check = tuple[Node, int, Callable[[Any, Any], Any], Any, str]  # input, dim, comparison, bound, as text
+
+
 def _check_inputs(part: GraphModule, ranges: dict[Any, Any], name: str) -> tuple[str, ...]:
     """Assert in `part`'s graph each fixed size, range and equality torch.export assumed of its inputs.
 
@@ -119,11 +122,18 @@ def _check_inputs(part: GraphModule, ranges: dict[Any, Any], name: str) -> tuple
     travel with the module. Its own deferred assertions are renamed from symbols to inputs.
     Returns the conditions, readable (`x.shape[0] == 1`).
     """
-    graph = part.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    after_inputs = placeholders[-1].next
+    placeholders = [n for n in part.graph.nodes if n.op == "placeholder"]
+    checks, dims = _size_checks(placeholders, ranges)
+    _insert_checks(part.graph, placeholders, checks, name)
+    deferred = _renamed_deferred_asserts(part.graph, dims, name)
+    part.recompile()
+    return tuple(text for *_, text in checks) + deferred
+
+
+def _size_checks(placeholders: list[Node], ranges: dict[Any, Any]) -> tuple[list[_Check], dict[Any, str]]:
+    """What each input dim must satisfy, and where each symbol first appears (`x.shape[0]`)."""
     dims: dict[Any, str] = {}
-    checks: list[tuple[Node, int, Callable[[Any, Any], Any], Any, str]] = []
+    checks: list[_Check] = []
     for node in placeholders:
         value = node.meta.get("val")
         for index, size in enumerate(value.shape if isinstance(value, Tensor) else ()):
@@ -147,24 +157,32 @@ def _check_inputs(part: GraphModule, ranges: dict[Any, Any], name: str) -> tuple
                 checks.append((node, index, operator.ge, low, f"{where} >= {low}"))
             if high is not None:
                 checks.append((node, index, operator.le, high, f"{where} <= {high}"))
+    return checks, dims
+
+
+def _insert_checks(graph: Graph, placeholders: list[Node], checks: list[_Check], name: str) -> None:
+    """Each check as `sym_size` and `_assert_scalar` nodes right after the inputs (one size node per dim)."""
     sizes: dict[tuple[Node, int], Node] = {}
-    with graph.inserting_before(after_inputs):
+
+    def size_of(node: Node, index: int) -> Node:
+        return sizes.setdefault((node, index), graph.call_function(torch.ops.aten.sym_size.int, (node, index)))
+
+    with graph.inserting_before(placeholders[-1].next):
         for node, index, compare, bound, text in checks:
-            size = sizes.setdefault((node, index), graph.call_function(torch.ops.aten.sym_size.int, (node, index)))
             if isinstance(bound, str):  # another input's size, named like `where`
-                other, other_index = _parse_dim(bound, placeholders)
-                bound = sizes.setdefault(
-                    (other, other_index), graph.call_function(torch.ops.aten.sym_size.int, (other, other_index))
-                )
-            holds = graph.call_function(compare, (size, bound))
+                bound = size_of(*_parse_dim(bound, placeholders))
+            holds = graph.call_function(compare, (size_of(node, index), bound))
             graph.call_function(torch.ops.aten._assert_scalar.default, (holds, _message(name, text)))
-    conditions = [text for *_, text in checks]
+
+
+def _renamed_deferred_asserts(graph: Graph, dims: dict[Any, str], name: str) -> tuple[str, ...]:
+    """torch.export's own runtime assertions, their symbols written as input dims; their conditions."""
+    conditions = []
     for node in graph.nodes:
         if node.target is torch.ops.aten._assert_scalar.default and node.args[1].startswith("Runtime assertion"):
             condition = _renamed(re.sub(r".*for expression (.*) on node.*", r"\1", node.args[1]), dims)
             node.args = (node.args[0], _message(name, condition))
             conditions.append(condition)
-    part.recompile()
     return tuple(conditions)
 
 
