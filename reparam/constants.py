@@ -80,7 +80,7 @@ def _is_number(value: Any) -> bool:
     """A Python number, or a tuple of them (`weight.shape[2:]`): a literal a graph can hold."""
     if isinstance(value, tuple):
         return all(_is_number(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, torch.Tensor)
+    return isinstance(value, (int, float))
 
 
 def _ancestors(nodes: list[Node]) -> set[Node]:

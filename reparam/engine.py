@@ -497,12 +497,12 @@ def _unfused(gm: GraphModule, ctx: Context, refusals: list[Refusal]) -> list[Unf
     named = {name for refusal in refusals for name in refusal.nodes}
     unfused = []
     for node in gm.graph.nodes:
-        if "reparam" in node.meta or describe(node) in named or not ctx.has_rules(node):
+        if "reparam" in node.meta or describe(node) in named:
             continue
         try:
             if not ctx.layer_kernel(node).is_channelwise:
                 continue
-        except FusionRefused:
+        except FusionRefused:  # no layer rule knows it
             continue
         source = node.args[0] if node.args and isinstance(node.args[0], Node) else None
         before = f"reads {_called(ctx, source)}" if source is not None else "reads no tensor of the graph"

@@ -43,10 +43,10 @@ class Kernel:
     convolution `(in_channels, out_channels // groups, *kernel_size)`; `dtype` is the dtype to
     cast back to. A layer's weight is kept as the layer holds it and converted to float64 the
     first time its values are read (`weight`), and a composed weight (`then`) is computed then:
-    most kernels of a graph are never written, and their geometry alone decides that. Build kernels with the constructors (`conv`, `from_conv`,
-    `from_batchnorm`, `affine`, `identity`); they normalise the geometry so that equal maps
-    have equal geometry (a size-1 dimension has dilation 1, an unpadded kernel has padding
-    mode "zeros").
+    most kernels of a graph are never written, and their geometry alone decides that. Build
+    kernels with the constructors (`conv`, `from_conv`, `from_batchnorm`, `affine`,
+    `identity`); they normalise the geometry so that equal maps have equal geometry (a size-1
+    dimension has dilation 1, an unpadded kernel has padding mode "zeros").
     """
 
     stored_weight: Tensor  # the weight as given (any floating dtype); `weight` is it in float64
