@@ -109,6 +109,42 @@ class Context:
             return ranks.pop() if len(ranks) == 1 else None
         return None
 
+    def identity(self, node: Node, spatial_dims: int) -> Kernel:
+        """The identity kernel of `node`'s value, a tensor no region computes (a block's input).
+
+        Its channel count, dtype and device come from a layer that reads it or makes it (through
+        activations), else from propagated shapes; `FusionRefused` (`geometry`) if none says.
+        """
+        like = self._neighbouring_layer(node, spatial_dims)
+        if like is not None:
+            return Kernel.identity(like.in_channels, spatial_dims, dtype=like.dtype, device=like.device)
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape") and len(meta.shape) in (spatial_dims + 1, spatial_dims + 2):
+            device = next(itertools.chain(self._gm.parameters(), self._gm.buffers()), torch.empty(0)).device
+            return Kernel.identity(meta.shape[-spatial_dims - 1], spatial_dims, dtype=meta.dtype, device=device)
+        raise FusionRefused(
+            Reason.GEOMETRY,
+            f"the channel count of {describe(node)} is unknown: no layer reads or makes it "
+            "(pass example_inputs so that shapes are propagated)",
+        )
+
+    def _neighbouring_layer(self, node: Node, spatial_dims: int) -> Kernel | None:
+        """The kernel of a layer reading `node`, or, as seen from its input, of the one making it."""
+        readers = [u for u in node.users if u.args and u.args[0] is node]
+        producer = node
+        while producer.op == "call_module" and isinstance(self.module(producer), _ELEMENTWISE) and producer.args:
+            producer = producer.args[0]
+        for candidate, seen_from_input in [*((u, True) for u in readers), (producer, False)]:
+            try:
+                kernel = self.layer_kernel(candidate, over_channels=True)
+            except (FusionRefused, KeyError):
+                continue
+            if kernel.dims_known and kernel.spatial_dims == spatial_dims and not kernel.transposed:
+                return kernel if seen_from_input else Kernel.identity(
+                    kernel.out_channels, spatial_dims, dtype=kernel.dtype, device=kernel.device
+                )
+        return None
+
     def check_foldable(self, node: Node) -> None:
         """Refuse a call whose module has hooks (`hooked module`), a `forward` set on the instance
         (`patched forward`), or is also used elsewhere (`shared module`).
@@ -169,10 +205,13 @@ class Context:
             )
         return region
 
-    def layer_kernel(self, node: Node) -> Kernel:
-        """The kernel a layer rule gives `node`, which must be a call of a known linear layer."""
+    def layer_kernel(self, node: Node, over_channels: bool = False) -> Kernel:
+        """The kernel a layer rule gives `node`, which must be a call of a known linear layer.
+
+        `over_channels`: only a layer that maps dim 1 (not `nn.Linear`, which maps the last dim).
+        """
         for rule in self._index.get(self.anchor(node), ()):
-            if isinstance(rule, LinearLayer):
+            if isinstance(rule, LinearLayer) and not (over_channels and rule.features_last):
                 return rule.kernel_of(node, self)
         raise FusionRefused(Reason.GEOMETRY, f"no layer rule says what {describe(node)} computes")
 
@@ -192,6 +231,7 @@ class Context:
             self.refusals.append(record)
 
 
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Sigmoid, nn.Mish, nn.Identity)
 _KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity)
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
 

@@ -4,9 +4,11 @@ Each pass:
 
 1. *Replace.* Replacement rules swap the subgraphs they match for the modules they return;
    border writes after a pad become one op (`borders.py`); what forward computes from the
-   model's tensors alone is evaluated once and stored (`constants.py`); then reads of a
+   model's tensors alone is evaluated once and stored (`constants.py`); reads of a
    tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the same metadata
-   (`metadata.py`), so that an assert does not keep a conv output alive.
+   (`metadata.py`), so that an assert does not keep a conv output alive; and a per-channel
+   layer after a concatenation is applied to each part, where each part's layer absorbs it
+   (`distribute.py`).
 2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
    from the regions of its inputs when that composition is exact and the inputs have no other
@@ -52,6 +54,7 @@ from .borders import lower_border_writes
 from .constants import fold_constants
 from .context import Context, attribute, describe, reshapes
 from .cost import NOMINAL, Cost, Workload
+from .distribute import distribute_over_concat
 from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
@@ -117,8 +120,10 @@ class Engine:
                 modules = dict(gm.named_modules())
             lower_border_writes(gm)
             rewrites = Context(gm, self._index, modules)
-            fold_constants(gm, rewrites)  # adds tensors, not modules: `modules` holds until the pass ends
+            fold_constants(gm, rewrites)  # adds tensors, not modules
             hoist_metadata_reads(gm, rewrites)
+            if distribute_over_concat(gm, rewrites):
+                modules = dict(gm.named_modules())
             ctx = self._annotate(gm, modules)
             fused = self._materialize(gm, ctx, report.timings)
             _delete_unused_submodules(gm)

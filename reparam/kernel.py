@@ -506,6 +506,13 @@ class Kernel:
         """The kernel computing `self(x) + constant`."""
         return replace(self, bias=self.bias + constant)
 
+    def on_channels(self, start: int, stop: int) -> Kernel:
+        """This per-channel map (`is_channelwise`) on channels `start:stop` alone: `a(y)[:, start:stop] = a'(y[:, start:stop])`."""
+        if not self.is_channelwise:
+            raise ValueError("on_channels needs a per-channel kernel (pointwise and depthwise)")
+        part = Kernel.affine(self.weight.reshape(-1)[start:stop], self.bias[start:stop], self.spatial_dims)
+        return replace(part, dtype=self.dtype, dims_known=self.dims_known)
+
     def regrouped(self, groups: int) -> Kernel:
         """The same map written with `groups` groups (a divisor of self.groups): each new group is block diagonal."""
         if groups == self.groups:

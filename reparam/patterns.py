@@ -405,6 +405,14 @@ class Match:
         """
         return self._ctx.rank(self.node(name))
 
+    def identity(self, name: str, spatial_dims: int) -> Kernel:
+        """The identity kernel of the value bound to `Var(name)`, a tensor no region computes.
+
+        Its channel count is read off a layer that reads or makes it, else off propagated shapes;
+        raises `FusionRefused` (`geometry`) when neither tells.
+        """
+        return self._ctx.identity(self[name], spatial_dims)
+
     def foldable(self, *names: str) -> bool:
         """Whether the layers captured as `names` may be replaced: no hooks or patched forward, not called elsewhere."""
         try:

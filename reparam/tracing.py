@@ -91,7 +91,8 @@ class _LeafTracer(torch.fx.Tracer):
         if path is None:
             return attr_val
         if path not in parameter_proxy_cache:
-            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+            node = self.create_proxy("get_attr", path, (), {}).node
+            parameter_proxy_cache[path] = _StoredTensorProxy(node, self, attr_val)
         return parameter_proxy_cache[path]
 
     def create_arg(self, a: Any) -> Any:
@@ -150,6 +151,43 @@ class _AssignableProxy(torch.fx.Proxy):
     __isub__ = _augmented(operator.isub)
     __imul__ = _augmented(operator.imul)
     __itruediv__ = _augmented(operator.itruediv)
+
+
+class _StoredTensorProxy(_AssignableProxy):
+    """A parameter or buffer read in forward, whose shape reads are the numbers they are.
+
+    A stored tensor's shape is a constant of the model (loading a state dict cannot change it),
+    so `t, i, h, w = self.weight.size()` and `int(t / groups)` (OREPA's kernel generation) trace
+    as the Python arithmetic they are, as torch.fx's own `param_shapes_constant` does for
+    parameters. Its dtype and device are not read this way: `.to()` may change them later.
+    """
+
+    def __init__(self, node: Node, tracer: torch.fx.Tracer, tensor: torch.Tensor) -> None:
+        super().__init__(node, tracer)
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.tensor.ndim
+
+    def size(self, *dim: int) -> Any:
+        return self.tensor.size(*dim)
+
+    def dim(self) -> int:
+        return self.tensor.dim()
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def nelement(self) -> int:
+        return self.tensor.nelement()
+
+    def __len__(self) -> int:
+        return len(self.tensor)
 
 
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

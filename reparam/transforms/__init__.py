@@ -3,12 +3,14 @@
 I `conv_bn`, II `branch_sum`, III `sequential`, IV `concat`, V `avg_pool`, VI `multiscale`;
 `functional` covers the `F.conv*d` / `F.batch_norm` spellings of I and VI, `scale` constant
 multiplies and adds (layer-scale, shifts), `padding` pads folded into the conv after them or
-the pointwise kernel before them, `linear` nn.Linear (LeViT's BN over tokens included) and transposed convs; `aten` the
+the pointwise kernel before them, `channels_last` a Linear between permutes (a 1x1 conv),
+`linear` nn.Linear (LeViT's BN over tokens included) and transposed convs; `aten` the
 same transforms spelled as torch.export's aten operators (for `reparam.fuse_exported`).
 """
 
 from .aten import ATEN_RULES
-from .avg_pool import AVG_POOL, POOLED_LAYER
+from .avg_pool import AVG_POOL, AVG_POOL_OF_INPUT
+from .channels_last import CHANNELS_LAST_LINEAR
 from .branch_sum import DIFFERENCE, SUM, SUM_WITH_ALPHA
 from .concat import CONCAT
 from .conv_bn import BATCHNORM
@@ -20,9 +22,8 @@ from .padding import BORDERED_REGION, CROPPED_CONV, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
 
 BUILTIN_RULES = (
-    PADDED_CONV,  # these three before CONV and BATCHNORM, which they fall back to
+    PADDED_CONV,  # these two before CONV, which they fall back to
     CROPPED_CONV,
-    POOLED_LAYER,
     CONV,
     BATCHNORM,
     FUNCTIONAL_CONV,
@@ -33,7 +34,9 @@ BUILTIN_RULES = (
     TOKEN_LINEAR_BN,
     PADDED_REGION,
     BORDERED_REGION,
+    CHANNELS_LAST_LINEAR,
     AVG_POOL,
+    AVG_POOL_OF_INPUT,
     SUM,
     DIFFERENCE,
     SUM_WITH_ALPHA,
@@ -50,10 +53,11 @@ BUILTIN_RULES = (
 __all__ = [
     "ATEN_RULES",
     "AVG_POOL",
-    "POOLED_LAYER",
+    "AVG_POOL_OF_INPUT",
     "BATCHNORM",
     "BORDERED_REGION",
     "BUILTIN_RULES",
+    "CHANNELS_LAST_LINEAR",
     "CONCAT",
     "CONV",
     "DIFFERENCE",

@@ -7,15 +7,16 @@ depthwise conv
 
 so it folds into the linear region feeding it (III) and sums with other branches (II), as in
 DBB's 1x1 -> BN-and-pad -> avg-pool -> BN branch. Recognised as `nn.AvgPool1d/2d/3d` and
-`F.avg_pool1d/2d/3d`. A pool of a tensor no region computes (the block's input: DBB's
-depthwise avg branch, YOLOv6's QARepVGGBlockV2) takes its channel count from the conv or BN
-that reads it (rule `avg_pool_of_input`).
+`F.avg_pool1d/2d/3d`. A pool of a tensor no region computes (the block's input, a ReLU's
+output: DBB's depthwise avg branch, YOLOv6's QARepVGGBlockV2 `conv(x) + conv1x1(x) + x +
+avg(x)`) is a kernel of that tensor whose channel count is read off the graph (rule
+`avg_pool_of_input`): from a layer that reads the tensor or makes it, else from propagated
+shapes.
 
 Exact condition: every window divides by the same number. Refused (`border not exact`) with
 `count_include_pad=False` and padding (border windows divide by fewer taps), and with
 `ceil_mode=True` and a stride above 1 (for some input sizes it adds a partial last window).
-The pool needs a region upstream to know its channel count; a pool of the raw input is left
-as written.
+A pool of a tensor whose channel count nothing tells is left as written (`geometry`).
 
 Paper: X. Ding et al., "Diverse Branch Block: Building a Convolution as an Inception-like
 Unit", CVPR 2021 (transform V).
@@ -45,22 +46,27 @@ def avg_pool(m: Match) -> Kernel:
     return upstream.then(_pool_of(m, upstream.out_channels, upstream))
 
 
-def pooled_layer(m: Match) -> Kernel:
-    """A pool of a tensor no region computes (the block's input), read by a layer that knows its channels."""
-    layer = m.kernel("layer")
-    return _pool_of(m, layer.in_channels, layer).then(layer)
+def avg_pool_of_input(m: Match) -> Kernel:
+    """A pool of a tensor no region computes: its channels, dtype and device read off the graph."""
+    dims, options = _options(m)
+    identity = m.identity("x", dims)
+    return pool_kernel(identity.in_channels, identity, dims, options)
 
 
 def _pool_of(m: Match, channels: int, like: Kernel) -> Kernel:
+    dims, options = _options(m)
+    return pool_kernel(channels, like, dims, options)
+
+
+def _options(m: Match) -> tuple[int, dict[str, Any]]:
+    """The pool's spatial dims, and its arguments by name."""
     node = m.node("pool")
     if node.op == "call_module":
         pool = m.module("pool")
         options = {name: getattr(pool, name, default) for name, default in _DEFAULTS.items()}
-        options["kernel_size"], dims = pool.kernel_size, _MODULES[type(pool)]
-    else:
-        options = {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
-        dims = _FUNCTIONS[node.target]
-    return pool_kernel(channels, like, dims, options)
+        options["kernel_size"] = pool.kernel_size
+        return _MODULES[type(pool)], options
+    return _FUNCTIONS[node.target], {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
 
 
 def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
@@ -96,9 +102,4 @@ def _pool(input: Var | Linear) -> AnyOf:
 
 
 AVG_POOL = PatternRule("avg_pool", _pool(_INPUT), avg_pool)
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-POOLED_LAYER = PatternRule(
-    "avg_pool_of_input", Module(_LAYERS, _pool(Var("x", plain=True)), name="layer"), pooled_layer
-)
+AVG_POOL_OF_INPUT = PatternRule("avg_pool_of_input", _pool(Var("x", plain=True)), avg_pool_of_input)

@@ -9,8 +9,9 @@ affine map `y[c] = s[c] * z[c] + t[c]`, so after a linear region f it composes l
 This covers `x * const`, `x * param` (a layer-scale gamma), `x / const`, `x + const`,
 `x - const`, `const - x` (the scale -1, then the shift), `-x`, and `sum([...])` (which starts
 from `0 + ...`). The constant may be a Python number or a tensor
-stored on the model that broadcasts per channel: a scalar, or shape `(C, 1, ..., 1)` /
-`(1, C, 1, ..., 1)` (for a linear layer's `(batch, features)` output, `(C,)` or `(1, C)`).
+stored on the model that broadcasts per channel: one value (shape `()`, `(1,)`, `(1, 1)`, ...,
+up to the output's rank), or shape `(C, 1, ..., 1)` / `(1, C, 1, ..., 1)` (for a linear
+layer's `(batch, features)` output, `(C,)` or `(1, C)`).
 
 Exact condition: the constant is one (stored on the model, possibly reshaped; a value computed
 in forward does not match and is left as written) and it varies at most along channels
@@ -40,7 +41,9 @@ def per_channel(constant: object, like: Kernel) -> torch.Tensor:
     if isinstance(constant, bool) or not isinstance(constant, int | float | torch.Tensor):
         raise FusionRefused(Reason.GEOMETRY, f"a {type(constant).__name__} is not a numeric constant")
     value = torch.as_tensor(constant, dtype=torch.float64).detach().to(like.device, torch.float64)
-    shapes = {(), (1,) * (dims + 1), (1,) * (dims + 2), (channels,) + (1,) * dims, (1, channels) + (1,) * dims}
+    highest = dims + 2 if like.dims_known else 2  # a higher rank would broadcast the output to more dims
+    scalars = {(1,) * rank for rank in range(highest + 1)}  # `(1,)` broadcasts like a number: super-gradients' alpha
+    shapes = scalars | {(channels,) + (1,) * dims, (1, channels) + (1,) * dims}
     if tuple(value.shape) not in shapes:
         raise FusionRefused(
             Reason.GEOMETRY, f"a constant of shape {tuple(value.shape)} does not act per channel on {channels} channels"

@@ -3,8 +3,11 @@
 Each class here follows a published code base's idiom, rewritten for the test: timm's norm-act
 layers (a BatchNorm subclass whose forward asserts the input's rank and calls F.batch_norm),
 MobileOne's branch loop (`out = 0`, `out += branch(x)` over an nn.ModuleList), FastViT's
-RepMixer (`x + layer_scale * (mixer(x) - norm(x))`), RepLKNet's SyncBatchNorm and timm's
-`Conv2dSame` (TF "same" padding computed from the input size in forward).
+RepMixer (`x + layer_scale * (mixer(x) - norm(x))`), RepLKNet's SyncBatchNorm, timm's
+`Conv2dSame` (TF "same" padding computed from the input size in forward), YOLOv6's
+QARepVGGBlockV2 (an avg-pool branch of the block's input, `0` for a missing identity),
+super-gradients' one-element `alpha` on the 1x1 branch, and OREPA's kernels generated in
+forward from the weights' sizes (`t, ig, h, w = w.size()`).
 """
 
 import math
@@ -438,3 +441,92 @@ def test_a_bn_no_layer_can_take_is_listed_with_why():
     assert "reads cat" in kept.reason and "feeds act (ReLU)" in kept.reason
     assert "kept    bn" in str(report) and not str(report).startswith("nothing to fuse")
     assert_same_function(model, fused, torch.randn(1, 3, 5, 6, dtype=torch.float64))
+
+
+class QARepVGGBlockV2(nn.Module):
+    """YOLOv6's style: 3x3+BN, a bias-free 1x1, the identity and an avg-pool of the input, then one BN."""
+
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.rbr_dense = nn.Sequential()
+        self.rbr_dense.add_module("conv", nn.Conv2d(channels, channels, 3, stride, 1, bias=False))
+        self.rbr_dense.add_module("bn", nn.BatchNorm2d(channels))
+        self.rbr_1x1 = nn.Conv2d(channels, channels, 1, stride, 0, bias=False)
+        self.rbr_identity = nn.Identity() if stride == 1 else None
+        self.rbr_avg = nn.AvgPool2d(3, stride, 1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, inputs):
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
+        avg_out = self.rbr_avg(inputs)
+        return self.nonlinearity(self.bn(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out + avg_out))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_yolov6_qarepvgg_v2_with_its_pooled_input_is_one_conv_per_block(stride):
+    model = nn.Sequential(QARepVGGBlockV2(8, stride), QARepVGGBlockV2(8))  # the second pools a ReLU's output
+    model = randomize_batchnorm(model).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.refusals), len(report.unfused)) == (2, 0, 0, 0)
+    assert "avg_pool_of_input" in report.fusions[0].rules
+    for size in [(7, 9), (1, 2)]:
+        assert_same_function(model, fused, torch.randn(2, 8, *size, dtype=torch.float64))
+
+
+class AlphaRepVGG(nn.Module):
+    """super-gradients' style: a learnable `alpha` of shape (1,) scales the 1x1 branch before a post-BN."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.branch_3x3 = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+        self.branch_1x1 = nn.Conv2d(channels, channels, 1, bias=True)
+        self.alpha = nn.Parameter(torch.tensor([0.7]))
+        self.identity = nn.Identity()
+        self.post_bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return F.relu(self.post_bn(self.branch_3x3(x) + self.alpha * self.branch_1x1(x) + self.identity(x)))
+
+
+def test_a_one_element_alpha_scales_its_branch_like_a_number():
+    model = randomize_batchnorm(AlphaRepVGG(6)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.refusals)) == (1, 0, 0)
+    assert_same_function(model, fused, torch.randn(2, 6, 5, 7, dtype=torch.float64))
+
+
+class GeneratedKernel(nn.Module):
+    """OREPA's style: the conv's kernel is built in forward from parameters, using their sizes in Python."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, expand: int = 2) -> None:
+        super().__init__()
+        self.k, self.expand = k, expand
+        self.weight_origin = nn.Parameter(0.1 * torch.randn(cout, cin, k, k))
+        self.weight_1x1 = nn.Parameter(0.1 * torch.randn(cout, cin, 1, 1))
+        self.weight_dw = nn.Parameter(0.1 * torch.randn(cin * expand, 1, k, k))
+        self.weight_pw = nn.Parameter(0.1 * torch.randn(cout, cin * expand, 1, 1))
+        self.vector = nn.Parameter(torch.rand(3, cout))
+        self.bn = nn.BatchNorm2d(cout)
+
+    def separable_to_full(self, dw, pw):
+        t, _, h, w = dw.size()
+        o, cin = pw.size(0), int(t / self.expand)
+        return torch.einsum("cehw,oce->ochw", dw.view(cin, self.expand, h, w), pw.view(o, cin, self.expand))
+
+    def weight_gen(self):
+        w = torch.einsum("oihw,o->oihw", self.weight_origin, self.vector[0])
+        w = w + torch.einsum("oihw,o->oihw", F.pad(self.weight_1x1, [self.k // 2] * 4), self.vector[1])
+        return w + torch.einsum("oihw,o->oihw", self.separable_to_full(self.weight_dw, self.weight_pw), self.vector[2])
+
+    def forward(self, x):
+        return F.relu(self.bn(F.conv2d(x, self.weight_gen(), None, 1, self.k // 2)))
+
+
+def test_a_kernel_generated_from_the_weights_sizes_is_folded_with_its_bn():
+    """`t, _, h, w = dw.size()` and `int(t / expand)` read stored tensors' sizes: constants of the model."""
+    model = randomize_batchnorm(GeneratedKernel(4, 6)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert not report.untraced
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (1, 0, 1)
+    assert_same_function(model, fused, torch.randn(2, 4, 7, 5, dtype=torch.float64))

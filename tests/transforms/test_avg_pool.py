@@ -81,3 +81,26 @@ def test_pool_alone_is_dearer_and_kept():
     fused, report = reparam.fuse_with_report(model)
     assert report.refused(Reason.WOULD_COST_MORE)
     assert_same_function(model, fused, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+
+
+class PoolAndInput(nn.Module):
+    """`avg(x) + x` of the model's input: no layer reads x, so only its shape tells its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, 1, 1)
+
+    def forward(self, x):
+        return self.pool(x) + x
+
+
+def test_a_pool_of_a_tensor_whose_channels_nothing_tells_is_refused_with_the_fix():
+    model = PoolAndInput().double().eval()
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model)
+    [refusal] = report.refused(Reason.GEOMETRY)
+    assert refusal.rule == "avg_pool_of_input" and "example_inputs" in refusal.message
+    assert_same_function(model, fused, x, rtol=0)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,), allow_costlier=True)
+    assert not report.refusals and convs(fused) == 1  # 1/9 on each tap, plus 1 at the centre: one depthwise 3x3
+    assert_same_function(model, fused, x)

@@ -69,3 +69,57 @@ def test_concat_with_different_strides_is_refused():
     fused, report = reparam.fuse_with_report(model, allow_costlier=True)
     assert [r.rule for r in report.refused(Reason.STRIDE)] == ["concat"]
     assert_same_function(model, fused, torch.randn(1, 3, 4, 4, dtype=torch.float64), rtol=0)
+
+
+class MixedConv(nn.Module):
+    """timm's MixNet style: split the channels, a depthwise conv of its own size on each, concatenate, one BN."""
+
+    def __init__(self, splits=(4, 3, 5), also_return: int | None = None) -> None:
+        super().__init__()
+        self.splits, self.also_return = list(splits), also_return
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 2 * i + 3, 1, i + 1, groups=c, bias=False) for i, c in enumerate(splits))
+        self.bn = nn.BatchNorm2d(sum(splits))
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        outs = [conv(parts[i]) for i, conv in enumerate(self.convs)]
+        y = torch.relu(self.bn(torch.cat(outs, 1)))
+        return y if self.also_return is None else (y, outs[self.also_return])
+
+
+def test_a_bn_after_a_concatenation_folds_a_slice_into_each_part():
+    model = randomize_batchnorm(MixedConv()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused), len(report.fusions)) == (3, 0, 3)
+    assert "bn_channels_4_7" in report.fusions[1].sources  # the BN's channels 4..6 went into the second conv
+    for size in [(7, 9), (1, 2)]:
+        assert_same_function(model, fused, torch.randn(2, 12, *size, dtype=torch.float64))
+
+
+def test_a_bn_after_a_concatenation_stays_whole_when_a_part_is_also_read_elsewhere():
+    model = randomize_batchnorm(MixedConv(also_return=1)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert (convs(fused), batchnorms(fused)) == (3, 1)
+    assert [u.layer for u in report.unfused] == ["bn"]
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        for expected, actual in zip(model(x), fused(x)):
+            torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+class InputBeside(nn.Module):
+    """`bn(cat([conv(x), x]))`: the input part has no layer to take its slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.conv(x), x], 1))
+
+
+def test_a_bn_after_a_concatenation_with_a_part_no_layer_makes_stays_one_layer():
+    model = randomize_batchnorm(InputBeside()).double().eval()
+    fused = reparam.fuse(model)
+    assert batchnorms(fused) <= 1 and not any("channels_" in name for name, _ in fused.named_modules())
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))

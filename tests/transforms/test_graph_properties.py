@@ -207,3 +207,110 @@ def test_linear_then_batchnorm_on_tokens(features, out, bias, rank, seed, data):
     other = [n + 1 for n in shape[:-1]] + [features]  # other batch sizes and token counts
     for inputs in (x, sample(seed + 1, *other)):
         assert_same_function(model, fused, inputs)
+
+
+class PooledBranches(nn.Module):
+    """YOLOv6's QARepVGGBlockV2 spelling: `bn(conv(x) + conv1x1(x) + x + avg(x))`, x maybe a ReLU output."""
+
+    def __init__(self, dims: int, channels: int, kernel: int, window: int, stride: int, after_relu: bool) -> None:
+        super().__init__()
+        self.pre = nn.Sequential(CONV[dims](channels, channels, 1), nn.ReLU()) if after_relu else nn.Identity()
+        self.dense = CONV[dims](channels, channels, kernel, stride, kernel // 2, bias=False)
+        self.pointwise = CONV[dims](channels, channels, 1, stride, bias=False)
+        self.pool = POOL[dims](window, stride, window // 2)
+        self.identity = stride == 1
+        self.bn = BN[dims](channels)
+
+    def forward(self, x):
+        x = self.pre(x)
+        y = self.dense(x) + self.pointwise(x) + self.pool(x)
+        return self.bn(y + x if self.identity else y)
+
+
+@few
+@given(geometry(), st.sampled_from([1, 3, 5]), st.sampled_from([3, 5]), st.integers(1, 2), st.booleans(), st.data())
+def test_a_pool_of_a_tensor_no_region_computes_sums_with_the_branches_beside_it(
+    geo, kernel, window, stride, after_relu, data
+):
+    dims, _, channels, seed = geo
+    size = data.draw(st.integers(window, 8))  # torch's 3-d pool needs the window inside the unpadded input
+    model = PooledBranches(dims, channels, kernel, window, stride, after_relu)
+    fused = fused_exactly(model, sample(seed, 2, channels, *[size] * dims), allow_costlier=True)
+    assert (convs(fused), batchnorms(fused)) == (1 + after_relu, 0)
+
+
+class OneValueScale(nn.Module):
+    """super-gradients' spelling: a learnable one-element `alpha` scales the 1x1 branch."""
+
+    def __init__(self, dims: int, channels: int, rank: int) -> None:
+        super().__init__()
+        self.dense = CONV[dims](channels, channels, 3, padding=1)
+        self.pointwise = CONV[dims](channels, channels, 1)
+        self.alpha = nn.Parameter(torch.rand((1,) * rank, dtype=torch.float64) + 0.5)
+        self.bn = BN[dims](channels)
+
+    def forward(self, x):
+        return self.bn(self.dense(x) + self.alpha * self.pointwise(x) + x)
+
+
+@few
+@given(geometry(), st.data())
+def test_a_one_element_constant_of_any_rank_up_to_the_outputs_scales_like_a_number(geo, data):
+    dims, _, channels, seed = geo
+    rank = data.draw(st.integers(0, dims + 2))
+    size = data.draw(st.integers(1, 6))
+    fused = fused_exactly(OneValueScale(dims, channels, rank), sample(seed, 2, channels, *[size] * dims))
+    assert (convs(fused), batchnorms(fused)) == (1, 0)
+
+
+class SplitConvs(nn.Module):
+    """MixNet's MixedConv: a conv per channel split (dense or depthwise, its own size), concatenated, then a BN."""
+
+    def __init__(self, dims: int, parts: list[tuple[int, int, bool]]) -> None:
+        super().__init__()
+        self.splits = [c for c, _, _ in parts]
+        self.convs = nn.ModuleList(
+            CONV[dims](c, c, k, padding=k // 2, groups=c if depthwise else 1, bias=False) for c, k, depthwise in parts
+        )
+        self.bn = BN[dims](sum(self.splits))
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return self.bn(torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1))
+
+
+@few
+@given(
+    st.sampled_from([1, 2, 3]),
+    st.lists(st.tuples(st.integers(1, 3), st.sampled_from([1, 3, 5]), st.booleans()), min_size=2, max_size=3),
+    st.integers(1, 6),
+    st.integers(0, 2**16),
+)
+def test_a_bn_after_a_concatenation_folds_into_every_part(dims, parts, size, seed):
+    model = SplitConvs(dims, parts)
+    fused = fused_exactly(model, sample(seed, 2, len(model.bn.weight), *[size] * dims))
+    assert convs(fused) + batchnorms(fused) == len(parts)  # a 1-channel 1x1 part is written as a BN
+
+
+class ChannelsLastLinear(nn.Module):
+    """A Linear over the channels moved last and back (`permute` or `torch.permute`), then a BN."""
+
+    def __init__(self, dims: int, channels: int, out: int, bias: bool, method: bool) -> None:
+        super().__init__()
+        self.into = (0, *range(2, dims + 2), 1)
+        self.back = (0, dims + 1, *range(1, dims + 1))
+        self.linear, self.bn, self.method = nn.Linear(channels, out, bias=bias), BN[dims](out), method
+
+    def forward(self, x):
+        y = self.linear(x.permute(*self.into) if self.method else torch.permute(x, self.into))
+        return self.bn(y.permute(self.back) if self.method else torch.permute(y, self.back))
+
+
+@few
+@given(geometry(), st.integers(1, 4), st.booleans(), st.booleans(), st.integers(1, 5))
+def test_a_channels_last_linear_is_a_1x1_conv_and_takes_the_bn_after_it(geo, out, bias, method, size):
+    dims, _, channels, seed = geo
+    model = ChannelsLastLinear(dims, channels, out, bias, method)
+    fused = fused_exactly(model, sample(seed, 2, channels, *[size] * dims))
+    assert convs(fused) + batchnorms(fused) == 1  # one layer: a 1x1 conv, or a BN for a 1-channel map
+    assert not any(isinstance(m, nn.Linear) for m in fused.modules())

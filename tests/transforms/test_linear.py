@@ -214,3 +214,32 @@ def test_example_inputs_reveal_a_linear_inputs_rank():
     assert_same_function(model, fused, x)
     tokens = reparam.fuse(model, example_inputs=(torch.randn(2, 4, 4, dtype=torch.float64),))
     assert batchnorms(tokens) == 1
+
+
+class Permuted(nn.Module):
+    """A conv + BN, then a Linear over the channels moved last, moved back with `back`, then a BN."""
+
+    def __init__(self, back: tuple[int, ...]) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4)
+        self.fc, self.back = nn.Linear(4, 4), back
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.fc(self.norm(self.conv(x)).permute(0, 2, 3, 1))
+        return self.bn(y.permute(*self.back))
+
+
+def test_a_channels_last_linear_folds_the_bns_on_both_sides():
+    model = randomize_batchnorm(Permuted((0, 3, 1, 2))).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [r.rule for r in report.replacements] == ["channels_last_linear"]
+    assert (linears(fused), batchnorms(fused)) == (0, 0)  # the BN before the 1x1 folds into it too (III)
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 7, dtype=torch.float64))
+
+
+def test_a_linear_moved_back_along_another_permutation_is_kept():
+    model = randomize_batchnorm(Permuted((0, 3, 2, 1))).double().eval()  # (N, C, W, H): not the input's layout
+    fused, report = reparam.fuse_with_report(model)
+    assert not report.replacements and any(isinstance(m, nn.Linear) for m in fused.modules())
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 5, dtype=torch.float64))

@@ -1,0 +1,103 @@
+"""A per-channel layer after a channel concatenation, applied to each part instead.
+
+A per-channel affine map commutes with concatenation along channels:
+
+    a(cat([y1, ..., yn], dim=1)) = cat([a1(y1), ..., an(yn)], dim=1),   a_i = a on y_i's channels,
+
+exactly, for every input. MixNet's MixedConv, `bn(cat([conv_k(x_k) for each split x_k]))`,
+has no one layer to fold its BN into; applied to each part, each slice folds into the conv that
+made that part (I). `distribute_over_concat` rewrites a per-channel layer (a BN of any kind, any
+layer whose rule gives a per-channel kernel) after a cat only where every part is made by a
+node some rule folds a layer into and read by nothing but the cat, so that each slice is
+absorbed and n layers never stand where one stood.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .context import Context, describe
+from .errors import FusionRefused
+from .kernel import Kernel
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def distribute_over_concat(gm: GraphModule, ctx: Context) -> list[tuple[str, tuple[str, ...]]]:
+    """Apply each per-channel layer after a cat to the cat's parts; return (layer, new slices) for each."""
+    done = []
+    for node in list(gm.graph.nodes):
+        found = _distributable(node, ctx)
+        if found is None:
+            continue
+        kernel, parts, counts = found
+        cat = node.args[0]
+        slices, start = [], 0
+        with gm.graph.inserting_before(cat):
+            for part, count in zip(parts, counts):
+                name = _free_name(gm, f"{describe(node).replace('.', '_')}_channels_{start}_{start + count}")
+                layer = kernel.on_channels(start, start + count).to_batchnorm()
+                layer.requires_grad_(any(p.requires_grad for p in ctx.module(node).parameters()))
+                gm.add_submodule(name, layer)
+                slices.append(gm.graph.call_module(name, (part,)))
+                start += count
+            stacked = gm.graph.call_function(cat.target, (slices, 1))
+        for key in ("tensor_meta", "val"):
+            if key in node.meta:
+                stacked.meta[key] = node.meta[key]
+        node.replace_all_uses_with(stacked)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(cat)
+        done.append((describe(node), tuple(str(s.target) for s in slices)))
+    return done
+
+
+def _distributable(node: Node, ctx: Context) -> tuple[Kernel, list[Node], list[int]] | None:
+    """The per-channel kernel of `node`, the cat's parts and their channel counts, if `node` may be distributed."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not _is_channel_cat(node.args[0], ctx):
+        return None
+    cat = node.args[0]
+    parts = list(cat.args[0])
+    if len(cat.users) != 1 or not all(isinstance(p, Node) and _absorbs(p, cat, ctx) for p in parts):
+        return None
+    try:
+        ctx.check_foldable(node)
+        kernel = ctx.layer_kernel(node, over_channels=True)
+    except FusionRefused:
+        return None
+    counts = [_channels(p, ctx) for p in parts]
+    if not kernel.is_channelwise or None in counts or sum(counts) != kernel.out_channels:
+        return None
+    return kernel, parts, counts
+
+
+def _is_channel_cat(node: object, ctx: Context) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _CATS or node.kwargs:
+        return False
+    if len(node.args) != 2 or not isinstance(node.args[0], list | tuple) or len(node.args[0]) < 2:
+        return False
+    rank = ctx.rank(node)
+    return node.args[1] == 1 or (rank is not None and node.args[1] == 1 - rank)
+
+
+def _absorbs(part: Node, cat: Node, ctx: Context) -> bool:
+    """Whether a layer applied to `part` folds into the node making it: a node rules anchor on, read by the cat alone."""
+    return set(part.users) == {cat} and list(cat.args[0]).count(part) == 1 and ctx.has_rules(part)
+
+
+def _channels(node: Node, ctx: Context) -> int | None:
+    """How many channels `node` has: from its layer, else from propagated shapes."""
+    try:
+        return ctx.layer_kernel(node, over_channels=True).out_channels
+    except FusionRefused:
+        pass
+    meta = node.meta.get("tensor_meta")
+    return meta.shape[1] if meta is not None and hasattr(meta, "shape") and len(meta.shape) > 1 else None
+
+
+def _free_name(gm: GraphModule, name: str) -> str:
+    candidate, index = name, 1
+    while hasattr(gm, candidate):
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate
