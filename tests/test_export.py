@@ -199,6 +199,29 @@ def test_fuse_exported_folds_a_parametrized_weight_as_fuse_does(parametrize) -> 
         assert relative_error(fused.module()(x), model(x)) < 1e-5
 
 
+class PooledInput(nn.Module):
+    """YOLOv6's QARepVGGBlockV2: `bn(conv3x3(x) + conv1x1(x) + x + avg(x))`, the pool of the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.pointwise = conv_bn(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1, bias=False)
+        self.pool, self.bn = nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.dense(x) + self.pointwise(x) + x + self.pool(x)))
+
+
+def test_fuse_exported_folds_a_pool_of_the_input_as_fuse_does() -> None:
+    model = randomize_batchnorm(PooledInput()).double().eval()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)), verify=True)
+    assert (conv_count(fused), bn_count(fused)) == (1, 0) and aten.avg_pool2d.default not in ops(fused)
+    through_fx = reparam.fuse(model)
+    assert [type(m) for m in through_fx.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))] == [nn.Conv2d]
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
 def test_fuse_exported_keeps_dynamic_dimensions(model) -> None:
     x = torch.randn(2, 3, 16, 16)
     dims = {0: torch.export.Dim.AUTO(max=64), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}

@@ -16,7 +16,7 @@ operators' argument orders:
   second); with a constant (a number or a per-channel tensor) they shift a region, and
   `aten.mul` / `aten.div` by one scale it (see scale.py);
 * IV    `aten.cat.default([...], 1)` concatenates branches;
-* V     `aten.avg_pool1d/2d/3d.default` are depthwise convs.
+* V     `aten.avg_pool1d/2d/3d.default` are depthwise convs, of a region or of a tensor no region computes.
 
 These rules are written with the public rule API (`LinearLayer`, `PatternRule`, and `Cat`
 subclassed for aten's target) and do not depend on where the graph came from: a torch.fx trace of a model calling
@@ -239,13 +239,26 @@ _POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_inclu
 
 def avg_pool(m: Match) -> Kernel:
     """`aten.avg_poolNd.default(x, kernel_size, stride=[], padding=0, ceil_mode, count_include_pad, divisor)`."""
-    node = m.node("pool")
-    options = {**_POOL_DEFAULTS, **dict(zip(_POOL_ARGS, node.args[1:])), **node.kwargs}
     upstream = m.kernel("input")
-    return upstream.then(pool_kernel(upstream.out_channels, upstream, _POOLS[node.target], options))
+    return upstream.then(pool_kernel(upstream.out_channels, upstream, *_pool_options(m)))
+
+
+def avg_pool_of_input(m: Match) -> Kernel:
+    """A pool of a tensor no region computes: its channels read off the graph, as in `avg_pool.avg_pool_of_input`."""
+    dims, options = _pool_options(m)
+    identity = m.identity("x", dims)
+    return pool_kernel(identity.in_channels, identity, dims, options)
+
+
+def _pool_options(m: Match) -> tuple[int, dict[str, Any]]:
+    node = m.node("pool")
+    return _POOLS[node.target], {**_POOL_DEFAULTS, **dict(zip(_POOL_ARGS, node.args[1:])), **node.kwargs}
 
 
 AVG_POOL = PatternRule("aten_avg_pool", Call(tuple(_POOLS), Linear(x, "input", identity=False), name="pool"), avg_pool)
+AVG_POOL_OF_INPUT = PatternRule(
+    "aten_avg_pool_of_input", Call(tuple(_POOLS), Var("x", plain=True), name="pool"), avg_pool_of_input
+)
 
 ATEN_RULES = (
     CONV,
@@ -256,6 +269,7 @@ ATEN_RULES = (
     NATIVE_BATCH_NORM,
     NATIVE_BATCH_NORM_OF_INPUT,
     AVG_POOL,
+    AVG_POOL_OF_INPUT,
     SUM,
     SCALE,
     SHIFT,
