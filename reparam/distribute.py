@@ -40,6 +40,7 @@ def distribute_over_concat(gm: GraphModule, ctx: Context) -> list[tuple[str, tup
                 layer = kernel.on_channels(start, start + count).to_batchnorm()
                 layer.requires_grad_(any(p.requires_grad for p in ctx.module(node).parameters()))
                 gm.add_submodule(name, layer)
+                ctx.modules[name] = layer  # a later cat may read it
                 slices.append(gm.graph.call_module(name, (part,)))
                 start += count
             stacked = gm.graph.call_function(cat.target, (slices, 1))
@@ -73,17 +74,26 @@ def _distributable(node: Node, ctx: Context) -> tuple[Kernel, list[Node], list[i
 
 
 def _is_channel_cat(node: object, ctx: Context) -> bool:
-    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _CATS or node.kwargs:
+    """Whether `node` concatenates two or more tensors along the channel dim (`dim=1`, or `1 - rank`)."""
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _CATS:
         return False
-    if len(node.args) != 2 or not isinstance(node.args[0], list | tuple) or len(node.args[0]) < 2:
+    if not node.args or not isinstance(node.args[0], list | tuple) or len(node.args[0]) < 2:
         return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     rank = ctx.rank(node)
-    return node.args[1] == 1 or (rank is not None and node.args[1] == 1 - rank)
+    return dim == 1 or (rank is not None and dim == 1 - rank)
 
 
 def _absorbs(part: Node, cat: Node, ctx: Context) -> bool:
-    """Whether a layer applied to `part` folds into the node making it: a node rules anchor on, read by the cat alone."""
-    return set(part.users) == {cat} and list(cat.args[0]).count(part) == 1 and ctx.has_rules(part)
+    """Whether a layer applied to `part` folds into the node making it: a node rules anchor on, that may be
+    folded (no hooks, not shared), read by the cat alone."""
+    if set(part.users) != {cat} or list(cat.args[0]).count(part) != 1 or not ctx.has_rules(part):
+        return False
+    try:
+        ctx.check_foldable(part)
+    except FusionRefused:
+        return False
+    return True
 
 
 def _channels(node: Node, ctx: Context) -> int | None:

@@ -2,10 +2,10 @@
 
 Each example is a random program over a growing list of values (every value has the same
 channels and size): convs (dense or depthwise, 1x1 or padded 3x3, with or without bias),
-BatchNorms, sums, differences, scalar scales and shifts, concatenations narrowed by a 1x1,
-average pools of both `count_include_pad` kinds, ReLUs, in-place ops on earlier values
-(`relu_`, `add_`, `mul_`, `nn.ReLU(inplace=True)`), a layer called twice, and forward hooks
-that change a layer's output. Operands are the latest value or any earlier one, so there are
+BatchNorms, sums, differences, scalar scales and shifts, concatenations (with or without a BN
+over both parts) narrowed by a 1x1, average pools of both `count_include_pad` kinds, ReLUs,
+in-place ops on earlier values (`relu_`, `add_`, `mul_`, `nn.ReLU(inplace=True)`), a layer
+called twice, and forward hooks that change a layer's output. Operands are the latest value or any earlier one, so there are
 chains as well as values with several users. The fused model must compute what the eager model computes, in float64, on
 several input sizes down to 1x1, whatever `fuse` decided.
 
@@ -48,8 +48,11 @@ class Program(nn.Module):
                 values.append(values[args[0]] - values[args[1]])
             elif op == "scale":
                 values.append(args[1] * values[args[0]] + args[2])
-            elif op == "cat":  # concatenated, then narrowed back by the 1x1 conv args[2]
-                values.append(self.layers[args[2]](torch.cat([values[args[0]], values[args[1]]], dim=1)))
+            elif op == "cat":  # concatenated, maybe normalized by the BN args[3], narrowed back by the 1x1 conv args[2]
+                joined = torch.cat([values[args[0]], values[args[1]]], dim=1)
+                if args[3] is not None:
+                    joined = self.layers[args[3]](joined)
+                values.append(self.layers[args[2]](joined))
             elif op == "relu_":
                 values[args[0]].relu_()
             elif op == "add_":
@@ -97,8 +100,12 @@ def programs(draw) -> Program:
         elif op == "scale":
             steps.append(("scale", draw(pick), draw(st.sampled_from([0.5, -2.0, 3.0])), draw(st.sampled_from([0, 1.5]))))
         elif op == "cat":
+            normalized = draw(st.booleans())
+            if normalized:
+                modules.append(nn.BatchNorm2d(2 * CHANNELS))
+            bn = len(modules) - 1 if normalized else None
             modules.append(nn.Conv2d(2 * CHANNELS, CHANNELS, 1))
-            steps.append(("cat", draw(pick), draw(pick), len(modules) - 1))
+            steps.append(("cat", draw(pick), draw(pick), len(modules) - 1, bn))
         else:  # an in-place op on an earlier value: no new value
             kind = draw(st.sampled_from(["relu_", "add_", "mul_"]))
             steps.append((kind, draw(pick), *([] if kind == "relu_" else [draw(st.sampled_from([1.0, -0.5]))])))

@@ -123,3 +123,22 @@ def test_a_bn_after_a_concatenation_with_a_part_no_layer_makes_stays_one_layer()
     fused = reparam.fuse(model)
     assert batchnorms(fused) <= 1 and not any("channels_" in name for name, _ in fused.named_modules())
     assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
+
+
+class MixedConvThenConv(nn.Module):
+    """MixedConv with `dim=1` as a keyword, then a 1x1 conv module reading the (distributed) BN's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu, self.first, self.second = nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.bn, self.tail = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.tail(self.bn(torch.cat([self.first(self.relu(x)), self.second(x)], dim=1)))
+
+
+def test_a_layer_reading_the_slices_concatenation_is_fused_too():
+    model = randomize_batchnorm(MixedConvThenConv()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) == 0 and any("bn_channels_0_4" in f.sources for f in report.fusions)
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
