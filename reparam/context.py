@@ -137,7 +137,7 @@ class Context:
         for candidate, seen_from_input in [*((u, True) for u in readers), (producer, False)]:
             try:
                 kernel = self.layer_kernel(candidate, over_channels=True)
-            except (FusionRefused, KeyError):
+            except FusionRefused:
                 continue
             if kernel.dims_known and kernel.spatial_dims == spatial_dims and not kernel.transposed:
                 return kernel if seen_from_input else Kernel.identity(
@@ -278,6 +278,11 @@ def _is_attr(value: Any) -> bool:
 def describe(node: Node) -> str:
     """A node as users know it: the module path it calls, or its fx name."""
     return str(node.target) if node.op == "call_module" else node.name
+
+
+def free_name(gm: GraphModule, base: str) -> str:
+    """`base`, or the first of `base_1`, `base_2`, ... that names nothing on `gm` yet."""
+    return next(c for c in itertools.chain([base], (f"{base}_{i}" for i in itertools.count(1))) if not hasattr(gm, c))
 
 
 def attribute(gm: GraphModule, node: Node) -> Any:

@@ -17,16 +17,19 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .context import Context, describe
+from .context import Context, describe, free_name
 from .errors import FusionRefused
 from .kernel import Kernel
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
-def distribute_over_concat(gm: GraphModule, ctx: Context) -> list[tuple[str, tuple[str, ...]]]:
-    """Apply each per-channel layer after a cat to the cat's parts; return (layer, new slices) for each."""
-    done = []
+def distribute_over_concat(gm: GraphModule, ctx: Context) -> int:
+    """Apply each per-channel layer after a cat to the cat's parts; return how many were distributed.
+
+    The slices are added to `ctx.modules` too, so that the pass's later steps see them.
+    """
+    done = 0
     for node in list(gm.graph.nodes):
         found = _distributable(node, ctx)
         if found is None:
@@ -36,11 +39,11 @@ def distribute_over_concat(gm: GraphModule, ctx: Context) -> list[tuple[str, tup
         slices, start = [], 0
         with gm.graph.inserting_before(cat):
             for part, count in zip(parts, counts):
-                name = _free_name(gm, f"{describe(node).replace('.', '_')}_channels_{start}_{start + count}")
+                name = free_name(gm, f"{describe(node).replace('.', '_')}_channels_{start}_{start + count}")
                 layer = kernel.on_channels(start, start + count).to_batchnorm()
                 layer.requires_grad_(any(p.requires_grad for p in ctx.module(node).parameters()))
                 gm.add_submodule(name, layer)
-                ctx.modules[name] = layer  # a later cat may read it
+                ctx.modules[name] = layer
                 slices.append(gm.graph.call_module(name, (part,)))
                 start += count
             stacked = gm.graph.call_function(cat.target, (slices, 1))
@@ -50,7 +53,7 @@ def distribute_over_concat(gm: GraphModule, ctx: Context) -> list[tuple[str, tup
         node.replace_all_uses_with(stacked)
         gm.graph.erase_node(node)
         gm.graph.erase_node(cat)
-        done.append((describe(node), tuple(str(s.target) for s in slices)))
+        done += 1
     return done
 
 
@@ -104,10 +107,3 @@ def _channels(node: Node, ctx: Context) -> int | None:
         pass
     meta = node.meta.get("tensor_meta")
     return meta.shape[1] if meta is not None and hasattr(meta, "shape") and len(meta.shape) > 1 else None
-
-
-def _free_name(gm: GraphModule, name: str) -> str:
-    candidate, index = name, 1
-    while hasattr(gm, candidate):
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate

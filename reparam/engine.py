@@ -52,7 +52,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .borders import lower_border_writes
 from .constants import fold_constants
-from .context import Context, attribute, describe, reshapes
+from .context import Context, attribute, describe, free_name, reshapes
 from .cost import NOMINAL, Cost, Workload
 from .distribute import distribute_over_concat
 from .errors import FusionRefused, Reason, ReparamError, RuleError
@@ -122,8 +122,7 @@ class Engine:
             rewrites = Context(gm, self._index, modules)
             fold_constants(gm, rewrites)  # adds tensors, not modules
             hoist_metadata_reads(gm, rewrites)
-            if distribute_over_concat(gm, rewrites):
-                modules = dict(gm.named_modules())
+            distribute_over_concat(gm, rewrites)  # adds its layers to `modules`, which the Context holds
             ctx = self._annotate(gm, modules)
             fused = self._materialize(gm, ctx, report.timings)
             _delete_unused_submodules(gm)
@@ -475,7 +474,7 @@ def _flatten_paths(gm: GraphModule) -> dict[str, str]:
     def move(path: str) -> str:
         if path not in moved:
             flat = path.replace(".", "_")
-            moved[path] = next(c for c in chain([flat], (f"{flat}_{i}" for i in count(1))) if not hasattr(gm, c))
+            moved[path] = free_name(gm, flat)
             owner_path, _, name = path.rpartition(".")
             owner = gm.get_submodule(owner_path)
             if name in owner._buffers:
