@@ -507,7 +507,10 @@ class Kernel:
         return replace(self, bias=self.bias + constant)
 
     def on_channels(self, start: int, stop: int) -> Kernel:
-        """This per-channel map (`is_channelwise`) on channels `start:stop` alone: `a(y)[:, start:stop] = a'(y[:, start:stop])`."""
+        """This per-channel map (`is_channelwise`) on channels `start:stop` alone.
+
+        `a(y)[:, start:stop] = a'(y[:, start:stop])`.
+        """
         if not self.is_channelwise:
             raise ValueError("on_channels needs a per-channel kernel (pointwise and depthwise)")
         part = Kernel.affine(self.weight.reshape(-1)[start:stop], self.bias[start:stop], self.spatial_dims)

@@ -5,9 +5,10 @@ channels and size): convs (dense or depthwise, 1x1 or padded 3x3, with or withou
 BatchNorms, sums, differences, scalar scales and shifts, concatenations (with or without a BN
 over both parts) narrowed by a 1x1, average pools of both `count_include_pad` kinds, ReLUs,
 in-place ops on earlier values (`relu_`, `add_`, `mul_`, `nn.ReLU(inplace=True)`), a layer
-called twice, and forward hooks that change a layer's output. Operands are the latest value or any earlier one, so there are
-chains as well as values with several users. The fused model must compute what the eager model computes, in float64, on
-several input sizes down to 1x1, whatever `fuse` decided.
+called twice, and forward hooks that change a layer's output. Operands are the latest value or
+any earlier one, so there are chains as well as values with several users. The fused model
+must compute what the eager model computes, in float64, on several input sizes down to 1x1,
+whatever `fuse` decided.
 
 Profiles: the suite's "ci" profile runs 60 examples (about a minute), "dev" 40;
 `HYPOTHESIS_PROFILE=thorough pytest tests/test_fuzz.py` runs 1,000.

@@ -77,7 +77,9 @@ class MixedConv(nn.Module):
     def __init__(self, splits=(4, 3, 5), also_return: int | None = None) -> None:
         super().__init__()
         self.splits, self.also_return = list(splits), also_return
-        self.convs = nn.ModuleList(nn.Conv2d(c, c, 2 * i + 3, 1, i + 1, groups=c, bias=False) for i, c in enumerate(splits))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c, 2 * i + 3, 1, i + 1, groups=c, bias=False) for i, c in enumerate(splits)
+        )
         self.bn = nn.BatchNorm2d(sum(splits))
 
     def forward(self, x):
