@@ -172,6 +172,11 @@ class Context:
             if self._calls[target] > 1:
                 raise FusionRefused(Reason.SHARED_MODULE, f"{target} is read at {self._calls[target]} places")
 
+    @property
+    def barriers(self) -> list[Node]:
+        """The linear layers that stay as written (a Linear whose input rank is unknown), in graph order."""
+        return list(self._barriers)
+
     def barrier(self, node: Node, rule: str, refusal: FusionRefused) -> None:
         """`node` is a layer that must stay as written; its refusal is reported if anything would fold it."""
         self._barriers[node] = (rule, refusal)

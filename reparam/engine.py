@@ -124,13 +124,15 @@ class Engine:
             hoist_metadata_reads(gm, rewrites)
             distribute_over_concat(gm, rewrites)  # adds its layers to `modules`, which the Context holds
             ctx = self._annotate(gm, modules)
+            # read off the graph as annotated: materializing replaces the nodes the regions name
+            plumbing = unread_plumbing(ctx.regions, ctx.barriers, ctx.refusals) if index == 0 else []
             fused = self._materialize(gm, ctx, report.timings)
             _delete_unused_submodules(gm)
             for new, region in fused:
                 module = _rename(gm, new)
                 report.fusions.append(_fusion(module, new, region))
             if index == 0:  # later passes restate the same refusals in terms of the new convs
-                report.refusals = replace_refusals + ctx.refusals + unread_plumbing(ctx.regions, ctx.refusals)
+                report.refusals = replace_refusals + ctx.refusals + plumbing
             if not fused and not replaced:
                 break
         else:

@@ -74,16 +74,19 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def unread_plumbing(regions: dict[Node, Region], refused: list[Refusal]) -> list[Refusal]:
-    """A refusal for each linear node that reads a linear node only through ops that move values."""
-    linear = set(regions)
+def unread_plumbing(regions: dict[Node, Region], kept: list[Node], refused: list[Refusal]) -> list[Refusal]:
+    """A refusal for each linear node that reads a linear node only through ops that move values.
+
+    The linear nodes are the regions and the layers `kept` as written (a Linear whose rank is unknown).
+    """
+    linear = set(regions) | set(kept)
     found = []
-    for node in regions:
+    for node in [*regions, *(k for k in kept if k not in regions)]:
         source, hops = node.args[0] if node.args else None, []
         while isinstance(source, Node) and source not in linear and len(hops) < _MAX_HOPS and _moves(source):
             hops.append(source)
             source = source.args[0] if source.args else None
-        if not hops or source not in linear or source in regions[node].nodes:
+        if not hops or source not in linear or (node in regions and source in regions[node].nodes):
             continue
         names = (describe(source), describe(node))
         if any(set(names) <= set(r.nodes) for r in refused):

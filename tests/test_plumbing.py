@@ -67,3 +67,29 @@ def test_a_layer_read_through_an_op_no_rule_composes_is_reported(op, channels, n
     assert refusal.nodes == ("conv", "bn") and f"`{name}`" in refusal.message
     assert "nothing to fuse" not in str(report)
     assert_same_function(model, fused, x)
+
+
+class ChannelsLastMlp(nn.Module):
+    """UniRepLKNet's style: dw conv + BN, channels moved last, Linear, GELU, Linear, moved back, BN.
+
+    Neither Linear has a permute on both sides, so neither is a 1x1 conv; their rank is unknown.
+    """
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.dwconv, self.norm = nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.BatchNorm2d(channels)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(channels, 8), nn.GELU(), nn.Linear(8, channels)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)).permute(0, 2, 3, 1))))
+        return self.bn(y.permute(0, 3, 1, 2)) + x
+
+
+def test_a_layer_kept_as_written_and_one_fused_away_are_reported_when_a_move_keeps_them_apart():
+    """The dw conv + BN is fused (its nodes replaced), and the Linears stay: both pairs are still named."""
+    model = randomize_batchnorm(ChannelsLastMlp()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    pairs = {r.nodes for r in report.refused(Reason.UNSUPPORTED_OP)}
+    assert pairs == {("norm", "pwconv1"), ("pwconv2", "bn")}
+    assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
