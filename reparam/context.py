@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
@@ -20,6 +19,7 @@ from torch.fx.node import map_arg
 from .errors import FusionRefused, Reason
 from .kernel import Kernel
 from .cost import FREE, Cost
+from .ranks import rank_of, stored_rank
 from .region import Region
 from .report import Refusal
 from .rules import Anchor, LinearLayer, Rule
@@ -42,6 +42,7 @@ class Context:
         self._shared_reported: set[Node] = set()
         self._barriers: dict[Node, tuple[str, FusionRefused]] = {}
         self._calls = Counter(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
+        self._ranks: dict[Node, int | None] = {}
 
     @functools.cached_property
     def _owners(self) -> dict[int, list[str]]:
@@ -91,23 +92,23 @@ class Context:
         )
 
     def rank(self, node: Node) -> int | None:
-        """The number of dims of `node`'s value, where shapes were propagated or the graph shows it."""
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            return len(meta.shape)
-        if node.op == "call_module":
-            module = self.module(node)
-            if isinstance(module, nn.Flatten):
-                return 2 if (module.start_dim, module.end_dim) == (1, -1) else None
-            return self.rank(node.args[0]) if isinstance(module, _KEEPS_RANK) and node.args else None
-        if node.target in (torch.flatten, "flatten"):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return 2 if (start, end) == (1, -1) else None
-        if node.target in (torch.relu, F.relu, F.gelu, F.silu, operator.add, operator.mul) and node.args:
-            ranks = {self.rank(a) for a in node.args if isinstance(a, Node)}
-            return ranks.pop() if len(ranks) == 1 else None
-        return None
+        """The number of dims of `node`'s value, where propagated shapes or the graph itself say (`ranks.py`)."""
+        if not self._ranks:  # all at once, in graph order: each node's arguments come first
+            for other in self._gm.graph.nodes:
+                self._ranks[other] = self._infer_rank(other)
+        if node not in self._ranks:  # added since
+            self._ranks[node] = self._infer_rank(node)
+        return self._ranks[node]
+
+    def _infer_rank(self, node: Node) -> int | None:
+        if node.op == "get_attr":
+            return stored_rank(attribute(self._gm, node))
+        return rank_of(node, self._rank_of_argument, self.module)
+
+    def _rank_of_argument(self, value: Any) -> int | None:
+        if isinstance(value, Node):
+            return self.rank(value)
+        return None if isinstance(value, bool) else stored_rank(value)
 
     def identity(self, node: Node, spatial_dims: int) -> Kernel:
         """The identity kernel of `node`'s value, a tensor no region computes (a block's input).
@@ -237,7 +238,6 @@ class Context:
 
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Sigmoid, nn.Mish, nn.Identity)
-_KEEPS_RANK = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Dropout, nn.Identity)
 _RESHAPES = {"view", "reshape", "unsqueeze", "squeeze", "flatten", operator.getitem, torch.reshape, torch.unsqueeze}
 
 
@@ -288,6 +288,17 @@ def describe(node: Node) -> str:
 def free_name(gm: GraphModule, base: str) -> str:
     """`base`, or the first of `base_1`, `base_2`, ... that names nothing on `gm` yet."""
     return next(c for c in itertools.chain([base], (f"{base}_{i}" for i in itertools.count(1))) if not hasattr(gm, c))
+
+
+def substitute(gm: GraphModule, old: Node, new: Node, *read_only_by_old: Node) -> None:
+    """Let `new`, which computes the same value, stand for `old`: its users and propagated shapes move
+    over, then `old` and the nodes only it read are erased."""
+    for key in ("tensor_meta", "val"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    for node in (old, *read_only_by_old):
+        gm.graph.erase_node(node)
 
 
 def attribute(gm: GraphModule, node: Node) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .context import Context, describe, free_name
+from .context import Context, describe, free_name, substitute
 from .errors import FusionRefused
 from .kernel import Kernel
 
@@ -47,12 +47,7 @@ def distribute_over_concat(gm: GraphModule, ctx: Context) -> int:
                 slices.append(gm.graph.call_module(name, (part,)))
                 start += count
             stacked = gm.graph.call_function(cat.target, (slices, 1))
-        for key in ("tensor_meta", "val"):
-            if key in node.meta:
-                stacked.meta[key] = node.meta[key]
-        node.replace_all_uses_with(stacked)
-        gm.graph.erase_node(node)
-        gm.graph.erase_node(cat)
+        substitute(gm, node, stacked, cat)
         done += 1
     return done
 

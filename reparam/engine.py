@@ -8,7 +8,9 @@ Each pass:
    tensor's metadata (`x.ndim`, `x.shape`) move to an earlier tensor with the same metadata
    (`metadata.py`), so that an assert does not keep a conv output alive; and a per-channel
    layer after a concatenation is applied to each part, where each part's layer absorbs it
-   (`distribute.py`).
+   (`distribute.py`); a Linear before a permute to channels-first whose readers fold per
+   channel becomes a 1x1 conv after the permute (`channels_first.py`, written back as a Linear
+   once fusion is done).
 2. *Annotate.* Nodes are visited in graph order; the rules anchored on each node's
    `(op, target)` turn it into a `Region`: a kernel of some earlier tensor (the root), extended
    from the regions of its inputs when that composition is exact and the inputs have no other
@@ -54,6 +56,7 @@ from .borders import lower_border_writes
 from .constants import fold_constants
 from .context import Context, attribute, describe, free_name, reshapes
 from .cost import NOMINAL, Cost, Workload
+from .channels_first import lower_convs, raise_linears
 from .distribute import distribute_over_concat
 from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
@@ -110,6 +113,7 @@ class Engine:
         """
         drop_noops(gm)
         report = FuseReport()
+        raised: set[str] = set()
         for index in range(_MAX_PASSES):
             modules = dict(gm.named_modules())
             replaced, replace_refusals = self._replace(gm, modules)
@@ -123,6 +127,7 @@ class Engine:
             fold_constants(gm, rewrites)  # adds tensors, not modules
             hoist_metadata_reads(gm, rewrites)
             distribute_over_concat(gm, rewrites)  # adds its layers to `modules`, which the Context holds
+            raised.update(raise_linears(gm, rewrites))  # as does this
             ctx = self._annotate(gm, modules)
             # read off the graph as annotated: materializing replaces the nodes the regions name
             plumbing = unread_plumbing(ctx.regions, ctx.barriers, ctx.refusals) if index == 0 else []
@@ -142,6 +147,7 @@ class Engine:
             )
         # the last pass changed nothing: its context is that of the graph as returned
         report.unfused = _unfused(gm, ctx, report.refusals + ctx.refusals)
+        lower_convs(gm, raised)
         moved = _flatten_paths(gm) if flatten else {}
         report.fusions = [replace(f, module=moved.get(f.module, f.module)) for f in report.fusions]
         report.replacements = [replace(r, module=moved.get(r.module, r.module)) for r in report.replacements]

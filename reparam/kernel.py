@@ -113,9 +113,13 @@ class Kernel:
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Kernel:
-        """The kernel of an `nn.Linear` acting on `(batch, features)`: a convolution with no spatial dims."""
-        return cls.conv(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, spatial_dims: int = 0) -> Kernel:
+        """The kernel of an `nn.Linear` applied to the channels of `(batch, features, *spatial)`.
+
+        With no spatial dims that is the Linear on `(batch, features)`, a convolution with no
+        spatial dims; with some, the 1x..x1 convolution mapping each position's channels.
+        """
+        return cls.conv(linear.weight.reshape(*linear.weight.shape, *[1] * spatial_dims), linear.bias)
 
     @classmethod
     def affine(cls, scale: Tensor, shift: Tensor, spatial_dims: int) -> Kernel:

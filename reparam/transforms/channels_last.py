@@ -20,8 +20,8 @@ channels-last Linear into it).
 
 import torch
 from torch import nn
-from torch.fx import Node
 
+from ..channels_first import permutation, to_channels_first
 from ..kernel import Kernel
 from ..patterns import Call, Match, Module, Var
 from ..rules import ReplacementRule
@@ -31,24 +31,14 @@ _PERMUTE = ("permute", torch.permute)
 
 def channels_last_linear(m: Match) -> nn.Module | None:
     """The 1x1 conv computing `permute(linear(permute(x)))`, if the permutes go channels-last and back."""
-    into, back = _dims(m.node("into")), _dims(m.node("back"))
+    into, back = permutation(m.node("into")), permutation(m.node("back"))
     if into is None or back is None or len(into) < 3 or len(into) != len(back) or not m.foldable("linear"):
         return None
     rank = len(into)
-    if into != (0, *range(2, rank), 1) or back != (0, rank - 1, *range(1, rank - 1)):
+    if into != (0, *range(2, rank), 1) or back != to_channels_first(rank):
         return None
     linear = m.module("linear")
-    weight = linear.weight.detach().reshape(*linear.weight.shape, *[1] * (rank - 2))
-    conv = Kernel.conv(weight, None if linear.bias is None else linear.bias.detach()).to_module()
-    return conv.requires_grad_(linear.weight.requires_grad)
-
-
-def _dims(node: Node) -> tuple[int, ...] | None:
-    """The permutation of a permute node, however it was spelled."""
-    dims = node.kwargs.get("dims", node.args[1:])
-    if len(dims) == 1 and isinstance(dims[0], tuple | list):
-        dims = dims[0]
-    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+    return Kernel.from_linear(linear, rank - 2).to_module().requires_grad_(linear.weight.requires_grad)
 
 
 _INTO = Call(_PERMUTE, Var("x"), name="into")

@@ -4,8 +4,9 @@
   it (I), BatchNorm1d before it, and parallel Linear branches (II) fold exactly as for convs:
   `W' = s W`, `b' = s b + t`; `W = W2 W1`, `b = W2 b1 + b2`; `W = W1 + W2`. Exact condition: the
   input really is `(batch, features)` (a Linear maps the last dim, which is the channel dim
-  only then): known from a `flatten(x, 1)` upstream or from propagated shapes
-  (`fuse(..., example_inputs=...)`); otherwise the Linear is left as written (`geometry`).
+  only then): read off the graph (`reparam/ranks.py`: a `flatten(x, 1)`, `view(n, -1)` or
+  `mean((2, 3))` upstream) or from propagated shapes (`fuse(..., example_inputs=...)`);
+  otherwise the Linear is left as written (`geometry`).
 * A conv on a globally pooled (1x1) map, then `flatten(., 1)`, is `flatten` then a Linear whose
   weight is the conv's tap that reads the pixel (the others read padding): replaced so that the
   Linear can fold with what follows. Declined for grouped convs (denser), non-zero padding
@@ -14,7 +15,7 @@
   the leading dims merged so that BatchNorm1d sees `(rows, features)`, then restored. That is the
   per-feature affine map of the Linear's output, so `W' = s W`, `b' = s b + t` for any number of
   leading dims. Exact condition: the flatten merges every dim but the last (the rank must be
-  known: `example_inputs`), the result takes the Linear output's own shape back, and the BN is
+  known: from the graph, as after LeViT's conv stem, or from `example_inputs`), the result takes the Linear output's own shape back, and the BN is
   an eval BatchNorm1d over the Linear's features; otherwise the Linear is left as written
   (`geometry`, in the report).
 * `nn.ConvTranspose1d/2d/3d` followed by BN folds along the output-channel axis, which is

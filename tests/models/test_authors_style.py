@@ -11,6 +11,7 @@ forward from the weights' sizes (`t, ig, h, w = w.size()`).
 """
 
 import math
+import operator
 
 import pytest
 import torch
@@ -358,6 +359,28 @@ def test_levit_linear_norm_is_refused_with_the_reason_when_the_rank_is_unknown_o
     assert_same_function(model, fused, grid)
 
 
+class LeViTStyle(nn.Module):
+    """LeViT's layout: a conv stem made tokens (`flatten(2).transpose(1, 2)`), its MLP, a BatchNorm1d head."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim))
+        self.mlp = LeViTMlp(dim)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, 4))
+
+    def forward(self, x):
+        return self.head(self.mlp(self.stem(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_levit_folds_without_example_inputs_its_graph_saying_the_ranks():
+    model = randomize_batchnorm(LeViTStyle()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert batchnorms(fused) == 0 and not report.refusals, report
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 3
+    for shape in [(3, 3, 8, 8), (1, 3, 5, 7)]:
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
 class ReadsItsTensors(nn.Module):
     """Forward reads its own parameters and buffers (one tied under two names), and passes one as an argument."""
 
@@ -530,3 +553,82 @@ def test_a_kernel_generated_from_the_weights_sizes_is_folded_with_its_bn():
     assert not report.untraced
     assert (convs(fused), batchnorms(fused), len(report.fusions)) == (1, 0, 1)
     assert_same_function(model, fused, torch.randn(2, 4, 7, 5, dtype=torch.float64))
+
+
+class NCHWtoNHWC(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+class NHWCtoNCHW(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+class UniRepLKNetBlock(nn.Module):
+    """UniRepLKNet's block: depthwise conv + SyncBN, then Linears on channels-last pixels, the second one
+    followed by the permute back and a SyncBN (`pwconv2`), then `gamma.view(1, -1, 1, 1) * y`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 5, padding=2, groups=dim, bias=False)
+        self.norm = nn.SyncBatchNorm(dim)
+        self.pwconv1 = nn.Sequential(NCHWtoNHWC(), nn.Linear(dim, 4 * dim))
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Sequential(nn.Linear(4 * dim, dim, bias=False), NHWCtoNCHW(), nn.SyncBatchNorm(dim))
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, inputs):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(inputs)))))
+        return self.gamma.view(1, -1, 1, 1) * y + inputs
+
+
+class ConvNeXtBlock(nn.Module):
+    """timm's ConvNeXt block, channels-last MLP: the layer-scale is applied after the permute back."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.fc2(self.act(self.fc1(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))))
+        return x.permute(0, 3, 1, 2).mul(self.gamma.reshape(1, -1, 1, 1)) + shortcut
+
+
+@pytest.mark.parametrize("block", [UniRepLKNetBlock, ConvNeXtBlock])
+def test_the_bn_and_layer_scale_after_a_channels_last_linear_fold_into_it_as_the_authors_deploy(block):
+    model = randomize_batchnorm(nn.Sequential(block(8), block(8))).double().eval()
+    fused = reparam.fuse(model)
+    assert batchnorms(fused) == 0
+    linears = [m for m in fused.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 and convs(fused) == 2  # the deploy form: Linear, permute; no 1x1 conv
+    assert not [n for n in fused.graph.nodes if n.target in (operator.mul, "mul")]  # gamma folded too
+    for shape in [(2, 8, 9, 7), (1, 8, 1, 1)]:
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
+class LinearThenPermute(nn.Module):
+    def __init__(self, reader: str) -> None:
+        super().__init__()
+        self.fc, self.bn, self.reader = nn.Linear(4, 6), nn.BatchNorm2d(6), reader
+
+    def forward(self, x):
+        y = self.fc(x).permute(0, 3, 1, 2)
+        if self.reader == "relu":
+            return torch.relu(y)
+        if self.reader == "bn and relu":
+            return self.bn(y) + torch.relu(y)
+        return y / x.mean()
+
+
+@pytest.mark.parametrize("reader", ["relu", "bn and relu", "division by a computed value"])
+def test_a_linear_before_a_permute_stays_as_written_where_nothing_after_it_folds(reader):
+    model = randomize_batchnorm(LinearThenPermute(reader)).double().eval()
+    fused = reparam.fuse(model)
+    assert isinstance(fused.get_submodule("fc"), nn.Linear) and convs(fused) == 0
+    assert torch.equal(fused.get_submodule("fc").weight, model.fc.weight)
+    assert_same_function(model, fused, torch.randn(2, 3, 5, 4, dtype=torch.float64))

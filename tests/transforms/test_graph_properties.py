@@ -314,3 +314,37 @@ def test_a_channels_last_linear_is_a_1x1_conv_and_takes_the_bn_after_it(geo, out
     fused = fused_exactly(model, sample(seed, 2, channels, *[size] * dims))
     assert convs(fused) + batchnorms(fused) == 1  # one layer: a 1x1 conv, or a BN for a 1-channel map
     assert not any(isinstance(m, nn.Linear) for m in fused.modules())
+
+
+class LinearThenChannelsFirst(nn.Module):
+    """A Linear on a channels-last tensor of any rank, moved back to channels-first, then per-channel layers."""
+
+    def __init__(self, dims: int, channels: int, out: int, bias: bool, tail: list[str]) -> None:
+        super().__init__()
+        self.back = (0, dims + 1, *range(1, dims + 1))
+        self.linear = nn.Linear(channels, out, bias=bias)
+        self.bns = nn.ModuleList(BN[dims](out) for _ in tail)
+        self.gamma = nn.Parameter(torch.rand(out, *[1] * dims, dtype=torch.float64) + 0.5)
+        self.tail = tail
+
+    def forward(self, z):
+        y = self.linear(z).permute(*self.back)
+        for op, bn in zip(self.tail, self.bns):
+            y = bn(y) if op == "bn" else self.gamma * y if op == "scale" else y - 0.5
+        return y
+
+
+@few
+@given(
+    geometry(),
+    st.integers(1, 4),
+    st.booleans(),
+    st.lists(st.sampled_from(["bn", "scale", "shift"]), min_size=1, max_size=3),
+    st.integers(1, 5),
+)
+def test_per_channel_layers_after_a_linear_moved_to_channels_first_fold_into_it(geo, out, bias, tail, size):
+    dims, _, channels, seed = geo
+    model = LinearThenChannelsFirst(dims, channels, out, bias, tail)
+    fused = fused_exactly(model, sample(seed, 2, *[size] * dims, channels))
+    linears = sum(isinstance(m, nn.Linear) for m in fused.modules())
+    assert convs(fused) == 0 and linears + batchnorms(fused) == 1  # the Linear took them (a BN for 1 -> 1 channel)
