@@ -19,7 +19,7 @@ from torch.fx.node import map_arg
 from .errors import FusionRefused, Reason
 from .kernel import Kernel
 from .cost import FREE, Cost
-from .ranks import rank_of, stored_rank
+from .ranks import propagated, rank_of, stored_rank
 from .region import Region
 from .report import Refusal
 from .rules import Anchor, LinearLayer, Rule
@@ -119,8 +119,8 @@ class Context:
         like = self._neighbouring_layer(node, spatial_dims)
         if like is not None:
             return Kernel.identity(like.in_channels, spatial_dims, dtype=like.dtype, device=like.device)
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape") and len(meta.shape) in (spatial_dims + 1, spatial_dims + 2):
+        meta = propagated(node)
+        if meta is not None and len(meta.shape) in (spatial_dims + 1, spatial_dims + 2):
             device = next(itertools.chain(self._gm.parameters(), self._gm.buffers()), torch.empty(0)).device
             return Kernel.identity(meta.shape[-spatial_dims - 1], spatial_dims, dtype=meta.dtype, device=device)
         raise FusionRefused(

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from .context import Context, describe, free_name, substitute
 from .errors import FusionRefused
 from .kernel import Kernel
+from .ranks import propagated
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
@@ -100,5 +101,5 @@ def _channels(node: Node, ctx: Context) -> int | None:
         return ctx.layer_kernel(node, over_channels=True).out_channels
     except FusionRefused:
         pass
-    meta = node.meta.get("tensor_meta")
-    return meta.shape[1] if meta is not None and hasattr(meta, "shape") and len(meta.shape) > 1 else None
+    meta = propagated(node)
+    return meta.shape[1] if meta is not None and len(meta.shape) > 1 else None

@@ -47,7 +47,6 @@ from dataclasses import dataclass, replace
 from itertools import chain, count
 from typing import Any
 
-import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -58,6 +57,7 @@ from .context import Context, attribute, describe, free_name, reshapes
 from .cost import NOMINAL, Cost, Workload
 from .channels_first import lower_convs, raise_linears
 from .distribute import distribute_over_concat
+from .ranks import propagated
 from .errors import FusionRefused, Reason, ReparamError, RuleError
 from .metadata import hoist_metadata_reads
 from .mutation import Mutations
@@ -545,12 +545,11 @@ def _mutation_refusal(op: Node, end: Node) -> FusionRefused:
 
 def workload(region: Region) -> Workload:
     """What one call of `region` sees: its input's positions and element size, where shapes were propagated."""
-    value = region.root.meta.get("tensor_meta", region.root.meta.get("val"))
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is None or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    value = propagated(region.root)
+    if value is None or not value.dtype.is_floating_point:
         return NOMINAL
-    elements = math.prod(optimization_hint(size, fallback=1) for size in shape)  # exported sizes: symbols
-    return Workload(max(1, elements // region.kernel.in_channels), dtype.itemsize)
+    elements = math.prod(optimization_hint(size, fallback=1) for size in value.shape)  # exported sizes: symbols
+    return Workload(max(1, elements // region.kernel.in_channels), value.dtype.itemsize)
 
 
 def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload, timing: Timing | None) -> None:

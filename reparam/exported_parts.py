@@ -101,7 +101,9 @@ def exported_part(module: nn.Module, args: tuple[Any, ...]) -> tuple[GraphModule
     """
     dims = tree_map(lambda v: dict.fromkeys(range(v.ndim), torch.export.Dim.AUTO) if isinstance(v, Tensor) else None,
                     args)  # fmt: skip
-    with fx_config.patch(backed_size_oblivious=True):  # sizes 0 and 1 stay dynamic, not specialised
+    # sizes 0 and 1 stay dynamic, not specialised; Python state forward writes (a cache of the last
+    # input's shape) is put back, or it would keep torch.export's symbols
+    with fx_config.patch(backed_size_oblivious=True), attributes_undone(module):
         program = torch.export.export(
             module, args, dynamic_shapes=dims, strict=False, prefer_deferred_runtime_asserts_over_guards=True
         )

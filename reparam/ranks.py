@@ -76,13 +76,21 @@ def stored_rank(value: Any) -> int | None:
     return 0 if isinstance(value, int | float) else None
 
 
-def rank_of(node: Node, rank: RankOf, module: Callable[[Node], nn.Module]) -> int | None:
-    """The rank of `node`'s value, from propagated shapes or from the op and its arguments' ranks."""
+def propagated(node: Node) -> Any | None:
+    """What shape propagation recorded of `node`'s value, if it is a tensor: torch.fx's `tensor_meta`
+    (`example_inputs`) or torch.export's `val`, both with a `shape` and a `dtype`."""
     for key in ("tensor_meta", "val"):
         meta = node.meta.get(key)
-        shape = getattr(meta, "shape", None)
-        if isinstance(shape, torch.Size):
-            return len(shape)
+        if isinstance(getattr(meta, "shape", None), torch.Size) and isinstance(getattr(meta, "dtype", None), torch.dtype):
+            return meta
+    return None
+
+
+def rank_of(node: Node, rank: RankOf, module: Callable[[Node], nn.Module]) -> int | None:
+    """The rank of `node`'s value, from propagated shapes or from the op and its arguments' ranks."""
+    meta = propagated(node)
+    if meta is not None:
+        return len(meta.shape)
     if node.op == "call_module":
         return _module_rank(module(node), node, rank)
     if node.op in ("call_function", "call_method"):
@@ -196,8 +204,8 @@ def _indexed(node: Node, rank: RankOf) -> int | None:
     """The rank of `x[index]`: an int drops a dim, None adds one, a slice keeps it; a tuple's part keeps its rank."""
     source, index = node.args
     if isinstance(source, Node) and source.target in _SPLITS:
-        return rank(source.args[0]) if source.args else None
-    if isinstance(source, Node) and source.target in ("unbind", torch.unbind):
+        return rank(source.args[0]) if source.args and isinstance(index, int) else None
+    if isinstance(source, Node) and source.target in ("unbind", torch.unbind) and isinstance(index, int):
         given = rank(source.args[0]) if source.args else None
         return None if given is None else given - 1
     if isinstance(source, Node) and _is_sizes(source):
@@ -210,8 +218,8 @@ def _indexed(node: Node, rank: RankOf) -> int | None:
     for part in parts:
         if part is None:
             added += 1
-        elif isinstance(part, int) or (isinstance(part, Node) and rank(part) == 0):
+        elif (isinstance(part, int) and not isinstance(part, bool)) or (isinstance(part, Node) and rank(part) == 0):
             dropped += 1
         elif not isinstance(part, slice) and part is not Ellipsis:
-            return None  # a tensor or list index (advanced indexing)
+            return None  # a bool, or a tensor or list index (advanced indexing)
     return given - dropped + added

@@ -190,3 +190,31 @@ def test_a_block_with_a_hooked_layer_inside_is_not_exported_and_the_hook_still_r
     seen.clear()
     assert_same_function(model, fused, x)
     assert len(seen) == 2  # once in the original, once in the fused model
+
+
+class CachesItsInputShape(nn.Module):
+    """ultralytics' Detect style: a grid made for the last input size, kept with that size in Python state,
+    here created on the first call."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        y = self.second(self.first(x))  # two padded, biased 3x3s: not one kernel at the borders
+        if getattr(self, "shape", None) != y.shape:
+            self.grid = torch.arange(y.shape[-1], dtype=y.dtype)
+            self.shape = y.shape
+        return y + self.grid
+
+
+def test_python_state_a_torch_export_attempt_writes_is_put_back():
+    """torch.export runs forward on symbolic sizes: a cached shape would keep its symbols, and the grid of
+    the next input would never be made (ultralytics' YOLO raised on its second forward)."""
+    model = _net(CachesItsInputShape(8))
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    assert not report.exported and any(u.module == "block" for u in report.untraced)  # tried, kept as written
+    assert not hasattr(fused.get_submodule("block"), "shape")
+    for shape in [(2, 3, 9, 7), (1, 3, 6, 5)]:
+        assert_same_function(model, fused, torch.randn(*shape, dtype=torch.float64))
