@@ -237,13 +237,16 @@ _COMBINING = frozenset({"add", "sub", "mul", "div", "cat", "neg", "rsub"})  # li
 
 
 class _CrossingFinder(TorchDispatchMode):
-    """Finds a linear op that reads a linear layer's output made elsewhere: in another child, or
-    one in the module's own code (outside every child) that reads one at all."""
+    """Finds a linear op that reads a linear layer's output made elsewhere: in another child, or one
+    in the module's own code (outside every child) that reads one at all. A sum or concatenation
+    counts only where two of its operands come from one tensor through linear layers (branches a
+    rule could merge); outputs of unrelated branches (a detection head's box and class convs) do not."""
 
     def __init__(self) -> None:
         super().__init__()
         self.running: list[int] = []  # the children whose forward is running, outermost first
         self.made_by: dict[int, int | None] = {}  # id(tensor) -> the child whose layer made it
+        self.source: dict[int, int | None] = {}  # id(tensor) -> id of the tensor its linear layers read first
         self.alive: list[Tensor] = []  # keeps ids unique for the run
         self.found = False
 
@@ -251,17 +254,28 @@ class _CrossingFinder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         current = self.running[0] if self.running else None
         name = func.overloadpacket.__name__
-        inputs = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Tensor) and id(v) in self.made_by]
+        tensors = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Tensor)]
+        inputs = [v for v in tensors if id(v) in self.made_by]
         makers = {self.made_by[id(v)] for v in inputs}
         layer = name in _LinearOpCounter.NAMES
-        if (layer or name in _COMBINING) and makers and (current is None or makers != {current}):
+        crossing = makers and (current is None or makers != {current})
+        if crossing and (layer or (name in _COMBINING and self._share_a_source(tensors))):
             self.found = True
         if layer or (makers and (name in _COMBINING or func.is_view)):
+            sources = {self.source.get(id(v), id(v)) for v in (inputs if not layer else tensors[:1])}
             for value in tree_flatten(out)[0]:
                 if isinstance(value, Tensor):
                     self.made_by[id(value)] = current
+                    self.source[id(value)] = sources.pop() if len(sources) == 1 else None
                     self.alive.append(value)
+            self.alive.extend(tensors[:1])
         return out
+
+    def _share_a_source(self, operands: list[Tensor]) -> bool:
+        """Whether two operands come from one tensor (one of them may be that tensor)."""
+        sources = [self.source.get(id(v), id(v)) for v in operands]
+        known = [s for s in sources if s is not None]
+        return len(set(known)) < len(known)
 
 
 def crosses_children(module: nn.Module, args: tuple[Any, ...]) -> bool:

@@ -159,6 +159,43 @@ def test_a_block_exporting_to_no_fewer_layers_is_kept_as_written():
     assert isinstance(fused.block, SplitAfterConv)
 
 
+class DetectionHead(nn.Module):
+    """ultralytics' Detect style: box and class branches of each level, concatenated in the head's own code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.box = nn.Sequential(conv_bn(8, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 1))
+        self.cls = nn.Sequential(conv_bn(8, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 1))
+        self.shape = None
+
+    def forward(self, x):
+        if self.shape != x.shape:  # no trace: control flow on the input's shape
+            self.shape = x.shape
+        return torch.cat([self.box(x), self.cls(x)], 1)
+
+
+class MergedBranches(DetectionHead):
+    """The same, with the 1x1 convs reading the head's input: their concatenation is one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.box, self.cls = conv_bn(8, 4, 1), conv_bn(8, 4, 3)
+
+
+def test_a_concatenation_of_unrelated_branches_is_not_worth_an_export_and_one_of_merging_branches_is():
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    model = _net(DetectionHead())
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    (kept,) = [u for u in report.untraced if u.module == "block"]
+    assert not report.exported and "would fuse nothing more" in kept.reason
+    assert batchnorms(fused) == 0  # each branch's conv + BN still fold, in their own children
+    assert_same_function(model, fused, x)
+    model = _net(MergedBranches())
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    assert [e.module for e in report.exported] == ["block"] and convs(fused) == 3
+    assert_same_function(model, fused, x)
+
+
 def test_a_conv_and_its_bn_as_sibling_layers_of_an_untraceable_block_fold():
     class Siblings(nn.Module):
         def __init__(self) -> None:
