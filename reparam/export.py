@@ -223,8 +223,12 @@ def _check_eval(ep: torch.export.ExportedProgram) -> None:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         name = node.target.overloadpacket.__name__
+        # a BN keeping no running statistics normalizes with the batch's in eval too: refused by the rules alone
+        keeps_statistics = node.target is not aten._native_batch_norm_legit.no_stats and (
+            name != "batch_norm" or node.args[3] is not None
+        )
         training = name == "batch_norm" and len(node.args) > 5 and node.args[5] is True
-        if training or name in _TRAINING_BN:
+        if keeps_statistics and (training or name in _TRAINING_BN):
             raise TrainingModeError(
                 f"the program was exported from a model in training mode ({node.name} is {node.target}: BatchNorm "
                 "normalizes with batch statistics and no fusion is exact); export model.eval() instead"

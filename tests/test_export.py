@@ -356,6 +356,21 @@ def test_fuse_exported_errors() -> None:
     assert conv_count(reparam.fuse_exported(ep, example_args=(x,))) == 3
 
 
+def test_a_bn_without_running_statistics_is_refused_alone_as_fuse_refuses_it() -> None:
+    """It normalizes with the batch's statistics in eval too (`training=True` in the program), but the
+    program is in eval mode: the other layers still fuse."""
+    model = nn.Sequential(conv_bn(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    model = randomize_batchnorm(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused, report = reparam.fuse_exported_with_report(torch.export.export(model, (x,)), verify=True)
+    [refusal] = report.refusals
+    assert refusal.reason is reparam.Reason.NO_RUNNING_STATS and conv_count(fused) == 2 and bn_count(fused) == 1
+    for decomposed in (False, True):
+        program = torch.export.export(model, (x,))
+        program = program.run_decompositions() if decomposed else program
+        torch.testing.assert_close(reparam.fuse_exported(program).module()(x), model(x))
+
+
 def test_unexported_drops_eval_noops() -> None:
     """An eval-mode dropout is `aten.dropout(x, p, False)`, and `clone(x)` once decomposed: both dropped."""
     model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4))).eval()

@@ -23,10 +23,10 @@ def conv_kernel(weight: torch.Tensor, bias=None, stride=1, padding=0, dilation=1
 def batch_norm_kernel(
     running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
 ) -> Kernel:
-    if training:
-        raise FusionRefused(Reason.BN_TRAINING, "F.batch_norm is called with training=True")
     if running_mean is None or running_var is None:
         raise FusionRefused(Reason.NO_RUNNING_STATS, "F.batch_norm is called without running statistics")
+    if training:
+        raise FusionRefused(Reason.BN_TRAINING, "F.batch_norm is called with training=True")
     inv_std = torch.rsqrt(running_var.detach().to(torch.float64) + eps)
     scale = inv_std if weight is None else weight.detach().to(torch.float64) * inv_std
     shift = -running_mean.detach().to(torch.float64) * scale
