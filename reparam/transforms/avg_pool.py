@@ -26,6 +26,8 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import Node
+from torch.fx.node import map_arg
 
 from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
@@ -66,7 +68,21 @@ def _options(m: Match) -> tuple[int, dict[str, Any]]:
         options = {name: getattr(pool, name, default) for name, default in _DEFAULTS.items()}
         options["kernel_size"] = pool.kernel_size
         return _MODULES[type(pool)], options
-    return _FUNCTIONS[node.target], {**_DEFAULTS, **dict(zip(_ORDER, node.args)), **node.kwargs}
+    options = {**_DEFAULTS, **dict(zip(_ORDER[1:], node.args[1:])), **node.kwargs}
+    computed = [name for name, value in options.items() if _reads_nodes(value)]
+    if computed:
+        raise FusionRefused(
+            Reason.NOT_CONSTANT,
+            f"the pool's {' and '.join(computed)} is computed in forward (as `kernel_size=x.size(3)`), so its "
+            "window is not fixed: a kernel of one size would be wrong on other input sizes",
+        )
+    return _FUNCTIONS[node.target], options
+
+
+def _reads_nodes(value: Any) -> bool:
+    found: list[Node] = []
+    map_arg(value, found.append)
+    return bool(found)
 
 
 def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any]) -> Kernel:

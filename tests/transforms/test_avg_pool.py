@@ -104,3 +104,32 @@ def test_a_pool_of_a_tensor_whose_channels_nothing_tells_is_refused_with_the_fix
     fused, report = reparam.fuse_with_report(model, example_inputs=(x,), allow_costlier=True)
     assert not report.refusals and convs(fused) == 1  # 1/9 on each tap, plus 1 at the centre: one depthwise 3x3
     assert_same_function(model, fused, x)
+
+
+class SqueezeExcite(nn.Module):
+    """RepVGGplus' SE block: a global pool written as `avg_pool2d(x, kernel_size=x.size(3))`."""
+
+    def __init__(self, channels: int, of_a_bn: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.down, self.up = nn.Conv2d(channels, 2, 1), nn.Conv2d(2, channels, 1)
+        self.of_a_bn = of_a_bn
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = y if self.of_a_bn else F.relu(y)
+        pooled = F.avg_pool2d(y, kernel_size=y.size(3))
+        return y * torch.sigmoid(self.up(F.relu(self.down(pooled))))
+
+
+@pytest.mark.parametrize("of_a_bn", [True, False], ids=["of a conv+BN", "of an activation"])
+def test_a_pool_whose_window_is_computed_in_forward_is_left_as_written(of_a_bn):
+    """It follows the input size: not one kernel. (Of the shared conv + BN, no rule takes it at all.)"""
+    model = randomize_batchnorm(SqueezeExcite(4, of_a_bn)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    if not of_a_bn:
+        [refusal] = report.refused(Reason.NOT_CONSTANT)
+        assert refusal.rule == "avg_pool_of_input" and "kernel_size" in refusal.message
+    assert batchnorms(fused) == 0  # the conv + BN before it still fold
+    for size in (5, 7):
+        assert_same_function(model, fused, torch.randn(2, 4, size, size, dtype=torch.float64))
