@@ -161,7 +161,8 @@ class Engine:
         self, gm: GraphModule, modules: dict[str, nn.Module]
     ) -> tuple[list[tuple[_NewModule, str]], list[Refusal]]:
         ctx = Context(gm, self._index, modules)
-        done: list[tuple[_NewModule, str]] = []
+        made: dict[Node, tuple[_NewModule, str]] = {}  # the layers added, by the node calling them
+        count = 0
         erased: set[Node] = set()
         for node in list(gm.graph.nodes):
             if node in erased:
@@ -177,27 +178,30 @@ class Engine:
                 if result is None:
                     continue
                 module, args, interior = result
-                sources = tuple(describe(n) for n in reversed(interior))
-                modules = [describe(n) for n in reversed(interior) if n.op == "call_module"]
-                base = modules[0] if modules else rule.name
+                sources, called = _replaced_names(interior, made)
+                base = called[0] if called else rule.name
                 # an nn.Sequential is inlined, one node per layer, so that later rules see its layers
                 layers = list(module) if type(module) is nn.Sequential and len(args) == 1 else [module]
                 value: Any = tuple(args)
                 for layer in layers:
-                    name = f"{_TEMP_PREFIX}replaced_{len(done)}"
+                    name = f"{_TEMP_PREFIX}replaced_{count}"
+                    count += 1
                     gm.add_submodule(name, layer)
+                    modules[name] = layer  # the Context's: a later match in this pass may read it
                     with gm.graph.inserting_before(node):
                         value = gm.graph.call_module(name, value if isinstance(value, tuple) else (value,))
                     value.meta["reparam"] = {"rules": [rule.name], "sources": list(sources)}
                     weighted = next(layer.parameters(), None) is not None
                     preferred = base if weighted or len(layers) == 1 else f"{base}_{type(layer).__name__.lower()}"
-                    done.append((_NewModule(value, preferred, sources), rule.name))
+                    made[value] = (_NewModule(value, preferred, sources), rule.name)
                 node.replace_all_uses_with(value)
+                constants = [a for old in interior for a in old.all_input_nodes if a not in interior]
                 for old in interior:
                     gm.graph.erase_node(old)
                     erased.add(old)
+                erased |= _erase_unused_constants(gm, constants)  # a folded layer-scale's gamma
                 break
-        return done, ctx.refusals
+        return list(made.values()), ctx.refusals
 
     # ---------------------------------------------------------------- annotate
 
@@ -384,6 +388,20 @@ def _crop_index(crop: tuple[int, ...]) -> tuple[Any, ...]:
     return (Ellipsis, *(slice(c, -c) if c else slice(None) for c in crop))
 
 
+def _replaced_names(interior: tuple[Node, ...], made: dict[Node, tuple[_NewModule, str]]) -> tuple[tuple[str, ...], list[str]]:
+    """The layers a replacement of `interior` stands for, and the paths of the modules it calls, in graph
+    order. A layer added earlier in the pass and replaced again stands for what it replaced (and is
+    taken out of `made`)."""
+    sources: list[str] = []
+    called: list[str] = []
+    for node in reversed(interior):
+        earlier = made.pop(node, None)
+        sources += earlier[0].sources if earlier else [describe(node)]
+        if node.op == "call_module":
+            called.append(earlier[0].preferred_name if earlier else describe(node))
+    return tuple(sources), called
+
+
 def _trainable(gm: GraphModule, node: Node) -> bool:
     """Whether a source layer had a parameter that requires grad (a frozen model stays frozen)."""
     if node.op == "call_module":
@@ -410,10 +428,11 @@ def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
     return any(user not in regions or node not in regions[user].nodes for user in node.users)
 
 
-def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
+def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> set[Node]:
     """Erase the constants (tensor attributes, reshaped) left without users, and the tensors nothing reads.
 
-    A tensor of a module the graph still calls is kept: the module's forward reads it.
+    A tensor of a module the graph still calls is kept: the module's forward reads it. Returns the
+    nodes erased.
     """
     attributes: set[str] = set()
     erased: set[Node] = set()
@@ -436,6 +455,7 @@ def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> None:
         owner = owned(gm, owner_path)
         if hasattr(owner, name):
             delattr(owner, name)
+    return erased
 
 
 def _delete_unused_submodules(gm: GraphModule) -> bool:

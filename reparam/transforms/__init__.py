@@ -17,6 +17,13 @@ from .conv_bn import BATCHNORM
 from .functional import BATCH_NORM as FUNCTIONAL_BATCH_NORM
 from .functional import CONV as FUNCTIONAL_CONV
 from .linear import FLATTENED_CONV, LINEAR, TOKEN_LINEAR_BN, TRANSPOSED_CONV
+from .linear_constants import (
+    LINEAR_DIVIDED,
+    LINEAR_SCALED,
+    LINEAR_SHIFTED,
+    LINEAR_SHIFTED_DOWN,
+    LINEAR_SUBTRACTED_FROM,
+)
 from .multiscale import CONV
 from .padding import BORDERED_REGION, CROPPED_CONV, PADDED_CONV, PADDED_REGION
 from .scale import DIVIDE, NEGATION, SCALE, SHIFT, SHIFT_DOWN, SUBTRACTED_FROM
@@ -32,6 +39,11 @@ BUILTIN_RULES = (
     TRANSPOSED_CONV,
     FLATTENED_CONV,
     TOKEN_LINEAR_BN,
+    LINEAR_SCALED,  # a Linear of any rank and a per-feature constant: replaced by one Linear
+    LINEAR_DIVIDED,
+    LINEAR_SHIFTED,
+    LINEAR_SHIFTED_DOWN,
+    LINEAR_SUBTRACTED_FROM,
     PADDED_REGION,
     BORDERED_REGION,
     CHANNELS_LAST_LINEAR,
@@ -66,6 +78,11 @@ __all__ = [
     "FLATTENED_CONV",
     "FUNCTIONAL_CONV",
     "LINEAR",
+    "LINEAR_DIVIDED",
+    "LINEAR_SCALED",
+    "LINEAR_SHIFTED",
+    "LINEAR_SHIFTED_DOWN",
+    "LINEAR_SUBTRACTED_FROM",
     "PADDED_CONV",
     "CROPPED_CONV",
     "PADDED_REGION",

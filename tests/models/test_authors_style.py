@@ -632,3 +632,56 @@ def test_a_linear_before_a_permute_stays_as_written_where_nothing_after_it_folds
     assert isinstance(fused.get_submodule("fc"), nn.Linear) and convs(fused) == 0
     assert torch.equal(fused.get_submodule("fc").weight, model.fc.weight)
     assert_same_function(model, fused, torch.randn(2, 3, 5, 4, dtype=torch.float64))
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale: `x * gamma`, gamma of shape (dim,)."""
+
+    def __init__(self, dim: int, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(shape or (dim,)) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ViTMlpBlock(nn.Module):
+    """timm's ViT block, MLP half: `x + drop_path(ls(mlp(norm(x))))`, the Mlp ending fc2 -> dropout."""
+
+    def __init__(self, dim: int, gamma_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(0.1)
+        self.ls = LayerScale(dim, gamma_shape)
+
+    def forward(self, x):
+        return x + self.ls(self.drop(self.fc2(self.act(self.fc1(self.norm(x))))))
+
+
+class FacebookConvNeXtBlock(ConvNeXtBlock):
+    """The ConvNeXt authors' block: the layer-scale multiplies the channels-last tensor, before the permute."""
+
+    def forward(self, x):
+        shortcut = x
+        x = self.fc2(self.act(self.fc1(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))))
+        return shortcut + (self.gamma * x).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("block, shape", [(ViTMlpBlock, (2, 5, 8)), (FacebookConvNeXtBlock, (2, 8, 6, 5))])
+def test_a_layer_scale_after_a_linear_of_any_rank_folds_into_it(block, shape):
+    model = nn.Sequential(block(8), block(8)).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [r.rule for r in report.replacements] == ["linear_scaled"] * 2
+    assert not [n for n in fused.graph.nodes if n.target in (operator.mul, "mul")]
+    assert all(isinstance(b.ls.gamma if hasattr(b, "ls") else b.gamma, nn.Parameter) for b in model)  # untouched
+    assert not [name for name, _ in fused.named_parameters() if "gamma" in name]
+    for size in [shape, (1, *shape[1:-1], shape[-1])]:
+        assert_same_function(model, fused, torch.randn(size, dtype=torch.float64))
+
+
+def test_a_constant_that_could_broadcast_a_linear_output_to_more_dims_stays_as_written():
+    model = ViTMlpBlock(8, gamma_shape=(1, 1, 8)).double().eval()  # on (batch, features) inputs, a rank-3 result
+    fused, report = reparam.fuse_with_report(model)
+    assert not report.replacements and [n for n in fused.graph.nodes if n.target is operator.mul]
+    for shape in [(2, 5, 8), (3, 8)]:
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))

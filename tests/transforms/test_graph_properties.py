@@ -348,3 +348,40 @@ def test_per_channel_layers_after_a_linear_moved_to_channels_first_fold_into_it(
     fused = fused_exactly(model, sample(seed, 2, *[size] * dims, channels))
     linears = sum(isinstance(m, nn.Linear) for m in fused.modules())
     assert convs(fused) == 0 and linears + batchnorms(fused) == 1  # the Linear took them (a BN for 1 -> 1 channel)
+
+
+class LinearThenConstants(nn.Module):
+    """A Linear on inputs of any rank, then per-feature constants in the spellings layer-scales use."""
+
+    def __init__(self, features: int, out: int, bias: bool, ops: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, out, bias=bias)
+        self.gammas = nn.ParameterList(nn.Parameter(torch.rand(out, dtype=torch.float64) + 0.5) for _ in ops)
+        self.ops = ops
+
+    def forward(self, x):
+        y = self.linear(x)
+        for (op, shape), gamma in zip(self.ops, self.gammas):
+            c = gamma if shape == "vector" else gamma[:1] if shape == "one" else 1.5
+            y = {"mul": lambda: c * y, "div": lambda: y / c, "add": lambda: y + c, "sub": lambda: c - y}[op]()
+        return y
+
+
+@few
+@given(
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.booleans(),
+    st.lists(
+        st.tuples(st.sampled_from(["mul", "div", "add", "sub"]), st.sampled_from(["vector", "one", "number"])),
+        min_size=1,
+        max_size=3,
+    ),
+    st.lists(st.integers(1, 3), max_size=3),
+    st.integers(0, 2**16),
+)
+def test_per_feature_constants_after_a_linear_of_any_rank_fold_into_it(features, out, bias, ops, leading, seed):
+    model = LinearThenConstants(features, out, bias, ops)
+    fused = fused_exactly(model, sample(seed, *leading, features))
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1
+    assert not [n for n in fused.graph.nodes if n.op == "call_function"]  # no arithmetic left
