@@ -594,8 +594,9 @@ def _refuse_as_dearer(ctx: Context, region: Region, kept: Cost, load: Workload, 
 
 def _preferred_name(gm: GraphModule, region: Region) -> str:
     """A new conv's name: that of the conv it grew from, or `<common parent>.conv` for several branches."""
-    if isinstance(region, Chain):  # after its first conv-like layer (not a BN folded into it)
-        return _preferred_name(gm, next((p for p in region.parts if not p.kernel.is_channelwise), region.parts[0]))
+    if isinstance(region, Chain):  # after its first conv-like layer (not a BN folded into it, not a pool)
+        named = [p for p in region.parts if p.sources]
+        return _preferred_name(gm, next((p for p in named if not p.kernel.is_channelwise), named[0]))
     branches = [r for _, r in region.parts if r is not None] if isinstance(region, Matched) else []
     if len(branches) == 1:  # a pool, scale or shift over one region
         return _preferred_name(gm, branches[0])

@@ -37,7 +37,7 @@ from ..errors import FusionRefused, Reason
 from ..kernel import Kernel
 from ..patterns import AnyOf, Call, Cat, Const, Linear, Match, Var
 from ..rules import LinearLayer, PatternRule
-from .avg_pool import pool_kernel
+from .avg_pool import check_fixed, pool_kernel
 from .concat import concat
 from .functional import batch_norm_kernel
 from .scale import affine_like, alpha_factor, per_channel, times
@@ -246,6 +246,7 @@ def avg_pool(m: Match) -> Kernel:
 def avg_pool_of_input(m: Match) -> Kernel:
     """A pool of a tensor no region computes: its channels read off the graph, as in `avg_pool.avg_pool_of_input`."""
     dims, options = _pool_options(m)
+    check_fixed(options)
     identity = m.identity("x", dims)
     return pool_kernel(identity.in_channels, identity, dims, options)
 

@@ -51,6 +51,7 @@ def avg_pool(m: Match) -> Kernel:
 def avg_pool_of_input(m: Match) -> Kernel:
     """A pool of a tensor no region computes: its channels, dtype and device read off the graph."""
     dims, options = _options(m)
+    check_fixed(options)  # before the channel count, which may be unknown too
     identity = m.identity("x", dims)
     return pool_kernel(identity.in_channels, identity, dims, options)
 
@@ -68,25 +69,12 @@ def _options(m: Match) -> tuple[int, dict[str, Any]]:
         options = {name: getattr(pool, name, default) for name, default in _DEFAULTS.items()}
         options["kernel_size"] = pool.kernel_size
         return _MODULES[type(pool)], options
-    options = {**_DEFAULTS, **dict(zip(_ORDER[1:], node.args[1:])), **node.kwargs}
-    computed = [name for name, value in options.items() if _reads_nodes(value)]
-    if computed:
-        raise FusionRefused(
-            Reason.NOT_CONSTANT,
-            f"the pool's {' and '.join(computed)} is computed in forward (as `kernel_size=x.size(3)`), so its "
-            "window is not fixed: a kernel of one size would be wrong on other input sizes",
-        )
-    return _FUNCTIONS[node.target], options
-
-
-def _reads_nodes(value: Any) -> bool:
-    found: list[Node] = []
-    map_arg(value, found.append)
-    return bool(found)
+    return _FUNCTIONS[node.target], {**_DEFAULTS, **dict(zip(_ORDER[1:], node.args[1:])), **node.kwargs}
 
 
 def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any]) -> Kernel:
     """The depthwise kernel of an average pool over `channels` channels, in `like`'s dtype and device."""
+    check_fixed(options)
     padding, stride = options["padding"], options["stride"] or options["kernel_size"]
     if options["divisor_override"] is None and not options["count_include_pad"] and _any(padding):
         raise FusionRefused(
@@ -107,6 +95,23 @@ def pool_kernel(channels: int, like: Kernel, dims: int, options: dict[str, Any])
         dtype=like.dtype,
         device=like.device,
     )
+
+
+def check_fixed(options: dict[str, Any]) -> None:
+    """Refuse a pool whose window, stride or padding is computed in forward (`not constant`)."""
+    computed = [name for name, value in options.items() if _reads_nodes(value)]
+    if computed:
+        raise FusionRefused(
+            Reason.NOT_CONSTANT,
+            f"the pool's {' and '.join(computed)} is computed in forward (as `kernel_size=x.size(3)`), so its "
+            "window is not fixed: a kernel of one size would be wrong on other input sizes",
+        )
+
+
+def _reads_nodes(value: Any) -> bool:
+    found: list[Node] = []
+    map_arg(value, found.append)
+    return bool(found)
 
 
 def _any(value: int | tuple[int, ...] | list[int], above: int = 0) -> bool:

@@ -133,3 +133,16 @@ def test_a_pool_whose_window_is_computed_in_forward_is_left_as_written(of_a_bn):
     assert batchnorms(fused) == 0  # the conv + BN before it still fold
     for size in (5, 7):
         assert_same_function(model, fused, torch.randn(2, 4, size, size, dtype=torch.float64))
+
+
+def test_a_pool_of_an_activation_composes_with_the_conv_reading_it_in_both_front_ends():
+    """torch.export fixes `x.size(3)` to the example's 5: the pool is then one kernel, and composes with
+    the 1x1 conv after it (naming that conv, whose only source with weights is the conv, crashed)."""
+    model = randomize_batchnorm(SqueezeExcite(4, of_a_bn=False)).double().eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    fused, report = reparam.fuse_exported_with_report(torch.export.export(model, (x,)))
+    assert [f.sources for f in report.fusions] == [("conv", "bn"), ("down",)] and batchnorms(fused.module()) == 0
+    torch.testing.assert_close(fused.module()(x), model(x))
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    assert [f.sources for f in report.fusions] == [("conv", "bn")] and report.refused(Reason.NOT_CONSTANT)
+    assert_same_function(model, fused, x)
