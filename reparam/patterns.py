@@ -105,8 +105,9 @@ def walk(pattern: Pattern) -> Iterator[Pattern]:
 class Var(Pattern):
     """Any graph value, bound to `name`.
 
-    `plain=True` matches only a value no linear region computes, leaving regions to the rules
-    that extend them (a pad of a region is folded into it; a pad of a plain tensor into the conv).
+    `plain=True` matches only a value no region the consumer may absorb computes, leaving those
+    to the rules that extend regions (a pad of a region is folded into it; a pad of a plain
+    tensor, or of a region other layers read too, into the conv after it).
     """
 
     def __init__(self, name: str, plain: bool = False) -> None:
@@ -115,7 +116,7 @@ class Var(Pattern):
         self.name, self.plain = name, plain
 
     def matches(self, value: Any, state: State, ctx: Context, consumer: Node | None) -> Iterator[State]:
-        if not isinstance(value, Node) or (self.plain and value in ctx.regions):
+        if not isinstance(value, Node) or (self.plain and ctx.absorbable(value, consumer) is not None):
             return
         bound = state.vars.get(self.name)
         if bound is None:

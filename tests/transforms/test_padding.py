@@ -215,3 +215,25 @@ def test_a_crop_before_a_conv_and_bn_folds_the_bn_and_keeps_the_crop(rows, cols)
         assert_same_function(model, fused, torch.randn(*shape, dtype=torch.float64))
     again, second = reparam.fuse_with_report(fused)
     assert second.fusions == [] and convs(again) == 1
+
+
+class PadOfASharedValue(nn.Module):
+    """A conv + BN read twice: once as it is, once padded by hand for a second conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.second = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y) + self.second(F.pad(y, (1, 1, 1, 1)))
+
+
+def test_a_pad_of_a_value_other_layers_read_becomes_the_padding_of_the_conv_after_it():
+    """The conv + BN cannot take the pad (its output is read twice), so the pad goes into the next conv."""
+    model = randomize_batchnorm(PadOfASharedValue()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert [f.rules for f in report.fusions][1] == ("padded_conv",)
+    assert not [n for n in fused.graph.nodes if n.target is F.pad] and batchnorms(fused) == 0
+    for size in (1, 4, 7):
+        assert_same_function(model, fused, torch.randn(2, 4, size, size, dtype=torch.float64))
