@@ -12,6 +12,7 @@ forward from the weights' sizes (`t, ig, h, w = w.size()`).
 
 import math
 import operator
+import pickle
 
 import pytest
 import torch
@@ -685,3 +686,30 @@ def test_a_constant_that_could_broadcast_a_linear_output_to_more_dims_stays_as_w
     assert not report.replacements and [n for n in fused.graph.nodes if n.target is operator.mul]
     for shape in [(2, 5, 8), (3, 8)]:
         assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
+def test_a_layer_that_does_not_trace_is_exported_into_the_graph_given_example_inputs():
+    """timm's Conv2dSame: with example inputs its ops replace the call, its padding still computed per input,
+    and the BN after it folds into its conv."""
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model = randomize_batchnorm(nn.Sequential(stem, DepthwiseSeparable(8, 16, 2), DepthwiseSeparable(16, 8, 1)))
+    model = model.double().eval()
+    fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.float64),))
+    assert batchnorms(fused) == 0 and convs(fused) == 5 and not report.untraced
+    assert [(e.module, e.type_name) for e in report.exported] == [("1.conv_dw", "Conv2dSame"), ("2.conv_dw", "Conv2dSame")]
+    assert ("_1_conv_dw_conv2d", "1.bn1") in [f.sources for f in report.fusions]
+    for shape in [(1, 3, 17, 15), (2, 3, 8, 8), (1, 3, 1, 2)]:  # the padding differs with the size
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+    empty = torch.randn(0, 3, 4, 4, dtype=torch.float64)
+    assert fused(empty).shape == model(empty).shape
+    loaded = pickle.loads(pickle.dumps(fused))
+    x = torch.randn(1, 3, 9, 6, dtype=torch.float64)
+    assert torch.equal(loaded(x), fused(x))
+
+
+def test_a_hooked_layer_that_does_not_trace_stays_a_call_given_example_inputs():
+    model = randomize_batchnorm(DepthwiseSeparable(8, 16, 2)).double().eval()
+    model.conv_dw.register_forward_hook(lambda module, args, out: out * 2)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(2, 8, 8, 8, dtype=torch.float64),))
+    assert not report.exported and [u.module for u in report.untraced] == ["conv_dw"]
+    assert_same_function(model, fused, torch.randn(1, 8, 7, 5, dtype=torch.float64))
