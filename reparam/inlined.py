@@ -59,14 +59,26 @@ def inline_untraceable_layers(gm: GraphModule, kept: dict[str, tuple[str, str]])
     return inlined
 
 
+def name_the_fix(gm: GraphModule, kept: dict[str, tuple[str, str]]) -> None:
+    """Without example inputs: say, in the reason of each kept layer that could be inlined, how."""
+    for path, (type_name, reason) in kept.items():
+        if _exportable(gm.get_submodule(path)):
+            kept[path] = (type_name, f"{reason}; given example_inputs=(...), its exported ops would replace it")
+
+
+def _exportable(layer: nn.Module) -> bool:
+    """A layer with tensors of its own (a conv, not a reshuffle), no submodules, no hooks or patched forward."""
+    own = [t for t in (*layer._parameters.values(), *layer._buffers.values()) if t is not None]
+    return bool(own) and runs_more_than_its_class(layer) is None and next(layer.children(), None) is None
+
+
 def _example_inputs(node: Node, layer: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """Random tensors of the shapes propagated to `node`'s inputs, if it is a layer worth exporting."""
-    own = [*layer._parameters.values(), *layer._buffers.values()]
-    if runs_more_than_its_class(layer) is not None or next(layer.children(), None) is not None or not own:
+    if not _exportable(layer) or node.kwargs:
         return None
-    if node.kwargs or not all(isinstance(a, Node) and propagated(a) is not None for a in node.args):
+    if not all(isinstance(a, Node) and propagated(a) is not None for a in node.args):
         return None
-    device = next(t for t in own if t is not None).device
+    device = next(layer.parameters(), next(layer.buffers(), torch.empty(0))).device
     return tuple(torch.randn(propagated(a).shape, dtype=propagated(a).dtype, device=device) for a in node.args)
 
 

@@ -33,7 +33,7 @@ from .context import layer_class, runs_more_than_its_class
 from .errors import InvalidArgumentError, NotTraceableError, ReparamError, first_line
 from .export import fuse_aten_module
 from .exported_parts import Calls, called_children, crosses_children, exported_part, linear_ops, record_calls
-from .inlined import inline_untraceable_layers
+from .inlined import inline_untraceable_layers, name_the_fix
 from .measured import EXAMPLE_INPUTS
 from .mutation import is_view
 from .report import Exported, FuseReport, Untraced
@@ -520,6 +520,8 @@ def _fuse_traced(
             ) from error
         gm.meta[EXAMPLE_INPUTS] = example_inputs  # for cost="measure"
     kept = gm.meta.get("reparam_kept", {})
+    if example_inputs is None:
+        name_the_fix(gm, kept)
     inlined = inline_untraceable_layers(gm, kept) if example_inputs is not None else []
     report = run(gm)
     gm.meta.pop(EXAMPLE_INPUTS, None)
