@@ -15,12 +15,16 @@ A subgraph is folded when:
 * no op is random (`rand*`, `dropout`, `bernoulli`, ...) or writes in place, and no tensor it
   reads is written in place anywhere in forward;
 * its value feeds a node some rule anchors on (a conv weight, a BN statistic, a shift): other
-  constants are left as written, since folding them gains nothing.
+  constants are left as written, since folding them gains nothing. A view of a tensor of the
+  model (`w.t()`, `w[0]`) is not folded; a gather (`biases[:, idxs]`, indexed by a tensor, as
+  LeViT's and TinyViT's attention biases) always is, whatever reads it: forward would compute
+  it on every call (timm caches it the same way after the first one).
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Any
 
 import torch
@@ -51,9 +55,9 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
         if _is_random(node) or mutated_input(node, modules) is not None:
             continue
         constant.add(node)
-        if not reshapes(node) or any(i in computed for i in inputs):
+        if not reshapes(node) or _gathers(node) or any(i in computed for i in inputs):
             computed.add(node)
-    frontier = [n for n in computed if any(u not in constant and ctx.has_rules(u) for u in n.users)]
+    frontier = [n for n in computed if any(u not in constant and (ctx.has_rules(u) or _gathers(n)) for u in n.users)]
     if not frontier:
         return 0
     values = _evaluate(gm, _ancestors(frontier), frontier)
@@ -74,6 +78,16 @@ def fold_constants(gm: GraphModule, ctx: Context) -> int:
         if node in constant and not node.users:
             gm.graph.erase_node(node)
     return len(frontier)
+
+
+def _gathers(node: Node) -> bool:
+    """Whether `node` indexes with a tensor (`biases[:, idxs]`): a gather, which forward would compute on
+    every call, not a view."""
+    if node.target is not operator.getitem or len(node.args) < 2:
+        return False
+    found: list[Node] = []
+    map_arg(node.args[1], found.append)
+    return bool(found)
 
 
 def _is_number(value: Any) -> bool:

@@ -713,3 +713,28 @@ def test_a_hooked_layer_that_does_not_trace_stays_a_call_given_example_inputs():
     fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(2, 8, 8, 8, dtype=torch.float64),))
     assert not report.exported and [u.module for u in report.untraced] == ["conv_dw"]
     assert_same_function(model, fused, torch.randn(1, 8, 7, 5, dtype=torch.float64))
+
+
+class GatheredAttentionBias(nn.Module):
+    """TinyViT's style: an attention-bias table gathered by a stored index, read by scaled_dot_product_attention."""
+
+    def __init__(self, heads: int = 2, tokens: int = 4) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 3 * 8)
+        self.attention_biases = nn.Parameter(torch.randn(heads, 3))
+        self.register_buffer("attention_bias_idxs", torch.randint(0, 3, (tokens, tokens)), persistent=False)
+        self.heads = heads
+
+    def forward(self, x):
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3 * self.heads, -1).transpose(1, 2).chunk(3, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def test_a_gathered_constant_is_stored_once_not_gathered_on_every_call():
+    model = GatheredAttentionBias().double().eval()
+    fused = reparam.fuse(model)
+    gathers = [n for n in fused.graph.nodes if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)
+               and n.args[0].op == "get_attr"]  # fmt: skip
+    assert not gathers, fused.code
+    assert_same_function(model, fused, torch.randn(2, 4, 8, dtype=torch.float64))
