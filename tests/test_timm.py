@@ -1,4 +1,4 @@
-"""timm as the zoo: one model per family, fused exactly, and no further from deploy than timm's own.
+"""timm as the zoo: a model of each family, fused exactly, and no further from deploy than timm's own.
 
 Needs timm (and the torchvision it imports), an optional test dependency: skipped without it.
 PyPI's torchvision does not import beside the pinned CPU torch 2.13, so CI skips these; they
@@ -22,17 +22,31 @@ timm = pytest.importorskip("timm", reason="timm (and torchvision) do not import 
 # (model, input size, whether timm has deploy code for it)
 FAMILIES = [
     ("resnet18", 64, False),
+    ("gernet_s", 64, False),
     ("efficientnet_b0", 64, False),
+    ("mobilenetv2_050", 64, False),
     ("mobilenetv3_small_050", 64, False),
+    ("mobilenetv4_conv_small", 64, False),
     ("regnetx_002", 64, False),
+    ("cspresnet50", 64, False),
+    ("darknet17", 64, False),
     ("densenet121", 64, False),
+    ("inception_v3", 96, False),
+    ("dpn68", 64, False),
+    ("ese_vovnet19b_dw", 64, False),
+    ("rexnet_100", 64, False),
+    ("tresnet_m", 64, False),
+    ("mobilevit_xxs", 64, False),
     ("convnext_atto", 64, False),
+    ("deit3_small_patch16_224", 224, False),
     ("repvgg_a0", 64, True),
     ("mobileone_s0", 64, True),
     ("fastvit_t8", 64, True),
     ("repghostnet_050", 64, True),
     ("repvit_m1", 64, True),
     ("levit_128s", 224, True),
+    ("tiny_vit_5m_224", 224, True),
+    ("shvit_s1", 224, True),
 ]
 
 
