@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate, map_arg
 
 from .context import Context, attribute, reshapes
+from .sharing import owned
 from .mutation import Mutations, mutated_input
 
 _RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential", "cauchy")
@@ -144,3 +145,33 @@ def _cast_like(value: Any, like: Any) -> Any:
     if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor):
         return value.to(like.dtype).detach().clone()
     return like
+
+
+def erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> set[Node]:
+    """Erase the constants (tensor attributes, reshaped) left without users, and the tensors nothing reads.
+
+    A tensor of a module the graph still calls is kept: the module's forward reads it. Returns the
+    nodes erased.
+    """
+    attributes: set[str] = set()
+    erased: set[Node] = set()
+    while candidates:
+        node = candidates.pop()
+        if node in erased or node.users or not (node.op == "get_attr" or reshapes(node)):
+            continue
+        erased.add(node)
+        if node.op == "get_attr":
+            attributes.add(str(node.target))
+        candidates += node.all_input_nodes
+        gm.graph.erase_node(node)
+    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"} if attributes else set()
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"} if attributes else set()
+    for target in attributes - still_read:
+        owner_path, _, name = target.rpartition(".")
+        path = owner_path.split(".") if owner_path else []
+        if any(".".join(path[:i]) in called for i in range(1, len(path) + 1)):
+            continue  # a tensor of a module that is still called (or of a part of one) stays
+        owner = owned(gm, owner_path)
+        if hasattr(owner, name):
+            delattr(owner, name)
+    return erased

@@ -301,6 +301,17 @@ def substitute(gm: GraphModule, old: Node, new: Node, *read_only_by_old: Node) -
         gm.graph.erase_node(node)
 
 
+def trainable(gm: GraphModule, node: Node) -> bool:
+    """Whether a layer had a parameter that requires grad (a frozen model stays frozen): its module's, or a
+    tensor of the model it reads (a functional layer)."""
+    if node.op == "call_module":
+        return any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
+    return any(
+        isinstance(a, Node) and a.op == "get_attr" and getattr(attribute(gm, a), "requires_grad", False)
+        for a in node.args
+    )
+
+
 def attribute(gm: GraphModule, node: Node) -> Any:
     owner: Any = gm
     for part in str(node.target).split("."):

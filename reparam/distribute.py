@@ -6,8 +6,9 @@ A per-channel affine map commutes with concatenation along channels:
 
 exactly, for every input. MixNet's MixedConv, `bn(cat([conv_k(x_k) for each split x_k]))`,
 has no one layer to fold its BN into; applied to each part, each slice folds into the conv that
-made that part (I). `distribute_over_concat` rewrites a per-channel layer (a BN of any kind, any
-layer whose rule gives a per-channel kernel) after a cat only where every part is made by a
+made that part (I). `distribute_over_concat` rewrites a per-channel layer (a BN of any kind, module
+or `F.batch_norm` as timm's norm-act layers call it, any layer whose rule gives a per-channel
+kernel) after a cat only where every part is made by a
 node some rule folds a layer into and read by nothing but the cat, so that each slice is
 absorbed and n layers never stand where one stood.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .context import Context, describe, free_name, substitute
+from .constants import erase_unused_constants
+from .context import Context, describe, free_name, substitute, trainable
 from .errors import FusionRefused
 from .kernel import Kernel
 from .ranks import propagated
@@ -42,21 +44,25 @@ def distribute_over_concat(gm: GraphModule, ctx: Context) -> int:
             for part, count in zip(parts, counts):
                 name = free_name(gm, f"{describe(node).replace('.', '_')}_channels_{start}_{start + count}")
                 layer = kernel.on_channels(start, start + count).to_batchnorm()
-                layer.requires_grad_(any(p.requires_grad for p in ctx.module(node).parameters()))
+                layer.requires_grad_(trainable(gm, node))
                 gm.add_submodule(name, layer)
                 ctx.modules[name] = layer
                 slices.append(gm.graph.call_module(name, (part,)))
                 start += count
             stacked = gm.graph.call_function(cat.target, (slices, 1))
+        tensors = [a for a in node.all_input_nodes if a is not cat]  # a functional BN's statistics
         substitute(gm, node, stacked, cat)
+        erase_unused_constants(gm, tensors)
         done += 1
     return done
 
 
 def _distributable(node: Node, ctx: Context) -> tuple[Kernel, list[Node], list[int]] | None:
     """The per-channel kernel of `node`, the cat's parts and their channel counts, if `node` may be distributed."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not _is_channel_cat(node.args[0], ctx):
+    if node.op not in ("call_module", "call_function") or not node.args or not _is_channel_cat(node.args[0], ctx):
         return None
+    if node.op == "call_module" and (len(node.args) != 1 or node.kwargs):
+        return None  # a functional layer's other arguments are its tensors, which layer_kernel reads
     cat = node.args[0]
     parts = list(cat.args[0])
     if len(cat.users) != 1 or not all(isinstance(p, Node) and _absorbs(p, cat, ctx) for p in parts):

@@ -52,8 +52,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .borders import lower_border_writes
-from .constants import fold_constants
-from .context import Context, attribute, describe, free_name, reshapes
+from .constants import erase_unused_constants, fold_constants
+from .context import Context, attribute, describe, free_name, trainable
 from .cost import NOMINAL, Cost, Workload
 from .channels_first import lower_convs, raise_linears
 from .distribute import distribute_over_concat
@@ -80,7 +80,6 @@ from .region import (
 from .measured import CLOSE, Stopwatch, winner
 from .report import Form, FuseReport, Fusion, Refusal, Replacement, Timing, Unfused
 from .rules import Anchor, ReplacementRule, Rule
-from .sharing import owned
 
 _TEMP_PREFIX = "_reparam_new_"
 _MAX_PASSES = 16
@@ -199,7 +198,7 @@ class Engine:
                 for old in interior:
                     gm.graph.erase_node(old)
                     erased.add(old)
-                erased |= _erase_unused_constants(gm, constants)  # a folded layer-scale's gamma
+                erased |= erase_unused_constants(gm, constants)  # a folded layer-scale's gamma
                 break
         return list(made.values()), ctx.refusals
 
@@ -255,7 +254,7 @@ class Engine:
                 if not node.users:
                     constants += node.all_input_nodes
                     graph.erase_node(node)
-            _erase_unused_constants(gm, [c for c in constants if c not in region.nodes])
+            erase_unused_constants(gm, [c for c in constants if c not in region.nodes])
         return new_convs
 
     def _measure(
@@ -371,7 +370,7 @@ class _Emitter:
         if any(crop):
             source = graph.call_function(operator.getitem, (source, _crop_index(crop)))
         conv = kernel.to_batchnorm() if kernel.is_channelwise else kernel.to_module()  # a BN runs faster
-        conv.requires_grad_(any(_trainable(self.gm, n) for n in p.region.sources))
+        conv.requires_grad_(any(trainable(self.gm, n) for n in p.region.sources))
         if self.new_layers is None:
             self.gm.add_submodule(name, conv)
         else:
@@ -402,16 +401,6 @@ def _replaced_names(interior: tuple[Node, ...], made: dict[Node, tuple[_NewModul
     return tuple(sources), called
 
 
-def _trainable(gm: GraphModule, node: Node) -> bool:
-    """Whether a source layer had a parameter that requires grad (a frozen model stays frozen)."""
-    if node.op == "call_module":
-        return any(p.requires_grad for p in gm.get_submodule(node.target).parameters())
-    return any(
-        isinstance(a, Node) and a.op == "get_attr" and getattr(attribute(gm, a), "requires_grad", False)
-        for a in node.args
-    )
-
-
 def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
     """Run a rule; an unexpected exception is re-raised naming the rule and the node."""
     try:
@@ -426,36 +415,6 @@ def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
 def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
     """True if some user of `node` does not fold it into its own region."""
     return any(user not in regions or node not in regions[user].nodes for user in node.users)
-
-
-def _erase_unused_constants(gm: GraphModule, candidates: list[Node]) -> set[Node]:
-    """Erase the constants (tensor attributes, reshaped) left without users, and the tensors nothing reads.
-
-    A tensor of a module the graph still calls is kept: the module's forward reads it. Returns the
-    nodes erased.
-    """
-    attributes: set[str] = set()
-    erased: set[Node] = set()
-    while candidates:
-        node = candidates.pop()
-        if node in erased or node.users or not (node.op == "get_attr" or reshapes(node)):
-            continue
-        erased.add(node)
-        if node.op == "get_attr":
-            attributes.add(str(node.target))
-        candidates += node.all_input_nodes
-        gm.graph.erase_node(node)
-    still_read = {n.target for n in gm.graph.nodes if n.op == "get_attr"} if attributes else set()
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"} if attributes else set()
-    for target in attributes - still_read:
-        owner_path, _, name = target.rpartition(".")
-        path = owner_path.split(".") if owner_path else []
-        if any(".".join(path[:i]) in called for i in range(1, len(path) + 1)):
-            continue  # a tensor of a module that is still called (or of a part of one) stays
-        owner = owned(gm, owner_path)
-        if hasattr(owner, name):
-            delattr(owner, name)
-    return erased
 
 
 def _delete_unused_submodules(gm: GraphModule) -> bool:

@@ -10,7 +10,8 @@ the same, so the assert stays in the graph and still checks what it checked, but
 holds the intermediate alive. A read of `y = layer(x)` moves to `x` when `layer` is a linear
 layer (one a rule gives a kernel) that keeps what is read:
 
-* rank (`ndim`, `dim()`) and device: every kernel layer keeps them;
+* rank (`ndim`, `dim()`) and device: every kernel layer keeps them, and a concatenation has its
+  parts' (the read moves to the first part);
 * shape (`shape`, `size()`, `numel()`) and dtype: only per-channel affine layers (BatchNorm, a
   scale), which map each element on its own (under autocast a conv may change the dtype).
 
@@ -28,6 +29,8 @@ region (`shared intermediate`).
 from __future__ import annotations
 
 import builtins
+
+import torch
 from enum import Enum
 
 from torch.fx import GraphModule, Node
@@ -51,6 +54,7 @@ _ATTRIBUTES = {
     "layout": _Kept.RANK_AND_DEVICE,
     "shape": _Kept.ELEMENTS,
 }
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 _METHODS = {
     "dim": _Kept.RANK_AND_DEVICE,
     "ndimension": _Kept.RANK_AND_DEVICE,
@@ -95,7 +99,11 @@ def _free(node: Node, ctx: Context) -> bool:
 
 
 def _same_metadata_input(node: Node, kept: _Kept, ctx: Context) -> Node | None:
-    """The input of `node` if `node` is a kernel layer keeping `kept` of it, else None."""
+    """The input of `node` if `node` is a kernel layer keeping `kept` of it, else None; for a concatenation,
+    whose rank and device are its parts', its first part (MixNet's BN-act asserts the rank of its cat)."""
+    if kept is _Kept.RANK_AND_DEVICE and node.op == "call_function" and node.target in _CATS and node.args:
+        parts = node.args[0]
+        return parts[0] if isinstance(parts, list | tuple) and parts and isinstance(parts[0], Node) else None
     if node.op not in ("call_module", "call_function") or not node.args or not isinstance(node.args[0], Node):
         return None
     try:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import reparam
@@ -144,3 +145,65 @@ def test_a_layer_reading_the_slices_concatenation_is_fused_too():
     fused, report = reparam.fuse_with_report(model)
     assert batchnorms(fused) == 0 and any("bn_channels_0_4" in f.sources for f in report.fusions)
     assert_same_function(model, fused, torch.randn(2, 4, 5, 6, dtype=torch.float64))
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm-act layer: its forward calls F.batch_norm on its own tensors, then the activation."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps))
+
+
+class TimmMixedConv(MixedConv):
+    """timm's MixNet block as timm writes it: the BN after the concatenation is a BatchNormAct2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = BatchNormAct2d(sum(self.splits))
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return self.bn(torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1))
+
+
+def test_a_functional_bn_after_a_concatenation_folds_a_slice_into_each_part_and_leaves_no_tensor():
+    model = randomize_batchnorm(TimmMixedConv()).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert len(report.fusions) == 3 and not report.unfused
+    assert not [n for n in fused.graph.nodes if n.op == "get_attr"]  # the BN's statistics went with it
+    assert sum(p.numel() for p in fused.parameters()) == sum(c.weight.numel() + c.out_channels for c in model.convs)
+    for size in (1, 6):
+        assert_same_function(model, fused, torch.randn(2, 12, size, size, dtype=torch.float64))
+
+
+def test_a_fused_model_fuses_again_its_any_rank_batchnorm_included():
+    """A per-channel map of unknown rank is written as an AnyRankBatchNorm; a conv before it later takes it."""
+    model = randomize_batchnorm(nn.Sequential(nn.Conv1d(4, 4, 3), nn.Sequential(nn.BatchNorm1d(4)))).double().eval()
+    bn = reparam.fuse(nn.Sequential(nn.BatchNorm1d(4), Halve()).double().eval().requires_grad_(False))
+    model[1] = bn
+    fused = reparam.fuse(model)
+    assert convs(fused) == 1 and batchnorms(fused) == 0
+    assert_same_function(model, fused, torch.randn(2, 4, 9, dtype=torch.float64))
+
+
+class Halve(nn.Module):
+    def forward(self, x):
+        return x / 2
+
+
+class AssertingBatchNormAct2d(BatchNormAct2d):
+    """timm's norm-act layer with its rank assert, which reads the concatenation's `ndim`."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        return super().forward(x)
+
+
+def test_a_rank_assert_on_the_concatenation_does_not_keep_the_bn_whole():
+    model = TimmMixedConv()
+    model.bn = AssertingBatchNormAct2d(sum(model.splits))
+    model = randomize_batchnorm(model).double().eval()
+    fused, report = reparam.fuse_with_report(model)
+    assert len(report.fusions) == 3 and not report.unfused
+    assert [n for n in fused.graph.nodes if n.target is torch._assert]  # the assert still checks
+    assert_same_function(model, fused, torch.randn(2, 12, 5, 5, dtype=torch.float64))
