@@ -27,6 +27,7 @@ FAMILIES = [
     ("mobilenetv2_050", 64, False),
     ("mobilenetv3_small_050", 64, False),
     ("mobilenetv4_conv_small", 64, False),
+    ("mixnet_s", 64, False),
     ("regnetx_002", 64, False),
     ("cspresnet50", 64, False),
     ("darknet17", 64, False),
