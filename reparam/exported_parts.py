@@ -129,7 +129,7 @@ def _check_inputs(part: GraphModule, ranges: dict[Any, Any], name: str) -> tuple
     _insert_checks(part.graph, placeholders, checks, name)
     deferred = _renamed_deferred_asserts(part.graph, dims, name)
     part.recompile()
-    return tuple(text for *_, text in checks) + deferred
+    return tuple(dict.fromkeys((*(text for *_, text in checks), *deferred)))  # each condition once
 
 
 def _size_checks(placeholders: list[Node], ranges: dict[Any, Any]) -> tuple[list[_Check], dict[Any, str]]:
@@ -183,6 +183,7 @@ def _renamed_deferred_asserts(graph: Graph, dims: dict[Any, str], name: str) -> 
     for node in graph.nodes:
         if node.target is torch.ops.aten._assert_scalar.default and node.args[1].startswith("Runtime assertion"):
             condition = _renamed(re.sub(r".*for expression (.*) on node.*", r"\1", node.args[1]), dims)
+            condition = re.sub(r"^Eq\((.*), (.*)\)$", r"\1 == \2", condition)  # as the checks above write it
             node.args = (node.args[0], _message(name, condition))
             conditions.append(condition)
     return tuple(conditions)
