@@ -32,7 +32,7 @@ from .errors import FusionRefused
 from .kernel import Kernel
 
 RULE = "channels_first_linear"
-_PERMUTES = ("permute", torch.permute)
+PERMUTES = ("permute", torch.permute)
 _PER_CHANNEL_ARITHMETIC = {
     *(operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub),
     *("mul", "div", "add", "sub"),
@@ -42,7 +42,7 @@ _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 def permutation(node: Node) -> tuple[int, ...] | None:
     """The dims of a permute node, however it was spelled (`x.permute(0, 2, 1)`, `torch.permute(x, (0, 2, 1))`)."""
-    if node.op not in ("call_method", "call_function") or node.target not in _PERMUTES:
+    if node.op not in ("call_method", "call_function") or node.target not in PERMUTES:
         return None
     dims = node.kwargs.get("dims", node.args[1:])
     if len(dims) == 1 and isinstance(dims[0], tuple | list):

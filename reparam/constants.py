@@ -32,8 +32,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate, map_arg
 
 from .context import Context, attribute, reshapes
-from .sharing import owned
 from .mutation import Mutations, mutated_input
+from .sharing import owned
 
 _RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential", "cauchy")
 _PREFIX = "_reparam_constant_"

@@ -24,7 +24,8 @@ from .region import Region
 from .report import Refusal
 from .rules import Anchor, LinearLayer, Rule
 
-_MOVES_DATA = (torch.cat, torch.concat, torch.concatenate, operator.getitem)  # priced as free: copies or views
+CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+_MOVES_DATA = (*CONCATENATIONS, operator.getitem)  # priced as free: copies or views
 
 
 class Context:

@@ -15,16 +15,13 @@ absorbed and n layers never stand where one stood.
 
 from __future__ import annotations
 
-import torch
 from torch.fx import GraphModule, Node
 
 from .constants import erase_unused_constants
-from .context import Context, describe, free_name, substitute, trainable
+from .context import CONCATENATIONS, Context, describe, free_name, substitute, trainable
 from .errors import FusionRefused
 from .kernel import Kernel
 from .ranks import propagated
-
-_CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def distribute_over_concat(gm: GraphModule, ctx: Context) -> int:
@@ -80,7 +77,7 @@ def _distributable(node: Node, ctx: Context) -> tuple[Kernel, list[Node], list[i
 
 def _is_channel_cat(node: object, ctx: Context) -> bool:
     """Whether `node` concatenates two or more tensors along the channel dim (`dim=1`, or `1 - rank`)."""
-    if not isinstance(node, Node) or node.op != "call_function" or node.target not in _CATS:
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in CONCATENATIONS:
         return False
     if not node.args or not isinstance(node.args[0], list | tuple) or len(node.args[0]) < 2:
         return False

@@ -161,7 +161,7 @@ class Engine:
     ) -> tuple[list[tuple[_NewModule, str]], list[Refusal]]:
         ctx = Context(gm, self._index, modules)
         made: dict[Node, tuple[_NewModule, str]] = {}  # the layers added, by the node calling them
-        count = 0
+        added = 0
         erased: set[Node] = set()
         for node in list(gm.graph.nodes):
             if node in erased:
@@ -183,8 +183,8 @@ class Engine:
                 layers = list(module) if type(module) is nn.Sequential and len(args) == 1 else [module]
                 value: Any = tuple(args)
                 for layer in layers:
-                    name = f"{_TEMP_PREFIX}replaced_{count}"
-                    count += 1
+                    name = f"{_TEMP_PREFIX}replaced_{added}"
+                    added += 1
                     gm.add_submodule(name, layer)
                     modules[name] = layer  # the Context's: a later match in this pass may read it
                     with gm.graph.inserting_before(node):
@@ -387,7 +387,9 @@ def _crop_index(crop: tuple[int, ...]) -> tuple[Any, ...]:
     return (Ellipsis, *(slice(c, -c) if c else slice(None) for c in crop))
 
 
-def _replaced_names(interior: tuple[Node, ...], made: dict[Node, tuple[_NewModule, str]]) -> tuple[tuple[str, ...], list[str]]:
+def _replaced_names(
+    interior: tuple[Node, ...], made: dict[Node, tuple[_NewModule, str]]
+) -> tuple[tuple[str, ...], list[str]]:
     """The layers a replacement of `interior` stands for, and the paths of the modules it calls, in graph
     order. A layer added earlier in the pass and replaced again stands for what it replaced (and is
     taken out of `made`)."""

@@ -87,8 +87,9 @@ def _write_in_place_of(gm: GraphModule, node: Node, part: GraphModule) -> bool:
     placeholders = [n for n in part.graph.nodes if n.op == "placeholder"]
     [output] = [n for n in part.graph.nodes if n.op == "output"]
     results = output.args[0] if isinstance(output.args[0], list | tuple) else [output.args[0]]
-    if len(placeholders) != len(node.args) or len(results) != 1 or any(n.op == "call_module" for n in part.graph.nodes):
-        return False  # an unlifted program calls no modules: one that does is not copied
+    calls_modules = any(n.op == "call_module" for n in part.graph.nodes)  # an unlifted program calls none
+    if len(placeholders) != len(node.args) or len(results) != 1 or calls_modules:
+        return False
     copies: dict[Node, Any] = dict(zip(placeholders, node.args))
     with gm.graph.inserting_before(node):
         for op in part.graph.nodes:

@@ -29,13 +29,11 @@ region (`shared intermediate`).
 from __future__ import annotations
 
 import builtins
-
-import torch
 from enum import Enum
 
 from torch.fx import GraphModule, Node
 
-from .context import Context
+from .context import CONCATENATIONS, Context
 from .errors import FusionRefused
 
 
@@ -54,7 +52,6 @@ _ATTRIBUTES = {
     "layout": _Kept.RANK_AND_DEVICE,
     "shape": _Kept.ELEMENTS,
 }
-_CATS = (torch.cat, torch.concat, torch.concatenate)
 _METHODS = {
     "dim": _Kept.RANK_AND_DEVICE,
     "ndimension": _Kept.RANK_AND_DEVICE,
@@ -101,7 +98,7 @@ def _free(node: Node, ctx: Context) -> bool:
 def _same_metadata_input(node: Node, kept: _Kept, ctx: Context) -> Node | None:
     """The input of `node` if `node` is a kernel layer keeping `kept` of it, else None; for a concatenation,
     whose rank and device are its parts', its first part (MixNet's BN-act asserts the rank of its cat)."""
-    if kept is _Kept.RANK_AND_DEVICE and node.op == "call_function" and node.target in _CATS and node.args:
+    if kept is _Kept.RANK_AND_DEVICE and node.op == "call_function" and node.target in CONCATENATIONS and node.args:
         parts = node.args[0]
         return parts[0] if isinstance(parts, list | tuple) and parts and isinstance(parts[0], Node) else None
     if node.op not in ("call_module", "call_function") or not node.args or not isinstance(node.args[0], Node):

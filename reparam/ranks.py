@@ -44,7 +44,9 @@ _KEEPS_RANK_MODULES = (
     *(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d),
     *(nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
 )
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, *(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d))
+_MAX_POOLS = (
+    *(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+)
 
 _KEEPS_RANK_FUNCTIONS = {
     *(F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.sigmoid),
@@ -81,7 +83,8 @@ def propagated(node: Node) -> Any | None:
     (`example_inputs`) or torch.export's `val`, both with a `shape` and a `dtype`."""
     for key in ("tensor_meta", "val"):
         meta = node.meta.get(key)
-        if isinstance(getattr(meta, "shape", None), torch.Size) and isinstance(getattr(meta, "dtype", None), torch.dtype):
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+        if isinstance(shape, torch.Size) and isinstance(dtype, torch.dtype):
             return meta
     return None
 

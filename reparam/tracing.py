@@ -522,7 +522,9 @@ def _fuse_traced(
     kept = gm.meta.get("reparam_kept", {})
     if example_inputs is None:
         name_the_fix(gm, kept)
-    inlined = inline_untraceable_layers(gm, kept) if example_inputs is not None else []
+        inlined = []
+    else:
+        inlined = inline_untraceable_layers(gm, kept)
     report = run(gm)
     gm.meta.pop(EXAMPLE_INPUTS, None)
     report.exported += inlined

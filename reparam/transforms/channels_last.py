@@ -18,15 +18,12 @@ Paper: X. Ding et al., "UniRepLKNet", CVPR 2024 (its re-parameterization folds t
 channels-last Linear into it).
 """
 
-import torch
 from torch import nn
 
-from ..channels_first import permutation, to_channels_first
+from ..channels_first import PERMUTES, permutation, to_channels_first
 from ..kernel import Kernel
 from ..patterns import Call, Match, Module, Var
 from ..rules import ReplacementRule
-
-_PERMUTE = ("permute", torch.permute)
 
 
 def channels_last_linear(m: Match) -> nn.Module | None:
@@ -41,7 +38,7 @@ def channels_last_linear(m: Match) -> nn.Module | None:
     return Kernel.from_linear(linear, rank - 2).to_module().requires_grad_(linear.weight.requires_grad)
 
 
-_INTO = Call(_PERMUTE, Var("x"), name="into")
+_INTO = Call(PERMUTES, Var("x"), name="into")
 CHANNELS_LAST_LINEAR = ReplacementRule(
-    "channels_last_linear", Call(_PERMUTE, Module(nn.Linear, _INTO, name="linear"), name="back"), channels_last_linear
+    "channels_last_linear", Call(PERMUTES, Module(nn.Linear, _INTO, name="linear"), name="back"), channels_last_linear
 )

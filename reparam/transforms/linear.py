@@ -15,9 +15,9 @@
   the leading dims merged so that BatchNorm1d sees `(rows, features)`, then restored. That is the
   per-feature affine map of the Linear's output, so `W' = s W`, `b' = s b + t` for any number of
   leading dims. Exact condition: the flatten merges every dim but the last (the rank must be
-  known: from the graph, as after LeViT's conv stem, or from `example_inputs`), the result takes the Linear output's own shape back, and the BN is
-  an eval BatchNorm1d over the Linear's features; otherwise the Linear is left as written
-  (`geometry`, in the report).
+  known: from the graph, as after LeViT's conv stem, or from `example_inputs`), the result
+  takes the Linear output's own shape back, and the BN is an eval BatchNorm1d over the
+  Linear's features; otherwise the Linear is left as written (`geometry`, in the report).
 * `nn.ConvTranspose1d/2d/3d` followed by BN folds along the output-channel axis, which is
   weight dim 1 (within each group) instead of dim 0; parallel transposed branches with the same
   stride, groups and output padding sum after embedding (centres must coincide, as for VI).

@@ -652,7 +652,8 @@ class ViTMlpBlock(nn.Module):
     def __init__(self, dim: int, gamma_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(0.1)
+        self.fc1, self.act = nn.Linear(dim, 2 * dim), nn.GELU()
+        self.fc2, self.drop = nn.Linear(2 * dim, dim), nn.Dropout(0.1)
         self.ls = LayerScale(dim, gamma_shape)
 
     def forward(self, x):
@@ -696,7 +697,8 @@ def test_a_layer_that_does_not_trace_is_exported_into_the_graph_given_example_in
     model = model.double().eval()
     fused, report = reparam.fuse_with_report(model, example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.float64),))
     assert batchnorms(fused) == 0 and convs(fused) == 5 and not report.untraced
-    assert [(e.module, e.type_name) for e in report.exported] == [("1.conv_dw", "Conv2dSame"), ("2.conv_dw", "Conv2dSame")]
+    exported = [(e.module, e.type_name) for e in report.exported]
+    assert exported == [("1.conv_dw", "Conv2dSame"), ("2.conv_dw", "Conv2dSame")]
     assert ("_1_conv_dw_conv2d", "1.bn1") in [f.sources for f in report.fusions]
     for shape in [(1, 3, 17, 15), (2, 3, 8, 8), (1, 3, 1, 2)]:  # the padding differs with the size
         assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))

@@ -151,7 +151,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
     """timm's norm-act layer: its forward calls F.batch_norm on its own tensors, then the activation."""
 
     def forward(self, x):
-        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps))
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return torch.relu(y)
 
 
 class TimmMixedConv(MixedConv):
