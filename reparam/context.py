@@ -250,7 +250,8 @@ def layer_class(module: nn.Module) -> type[nn.Module]:
     compute those tensors from their originals: it is a layer of the class it derives from, with
     the weight its parametrization gives (read once, at fuse time, as a constant of the model).
     """
-    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    parametrized = isinstance(module._modules.get("parametrizations"), nn.ModuleDict)  # is_parametrized, cheaply first
+    return type(module).__bases__[0] if parametrized and parametrize.is_parametrized(module) else type(module)
 
 
 def runs_more_than_its_class(module: nn.Module) -> FusionRefused | None:

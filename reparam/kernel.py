@@ -124,9 +124,25 @@ class Kernel:
     @classmethod
     def affine(cls, scale: Tensor, shift: Tensor, spatial_dims: int) -> Kernel:
         """The per-channel map `y[c] = scale[c] * x[c] + shift[c]`, as a depthwise 1x..x1 kernel."""
-        channels = scale.shape[0]
-        weight = scale.detach().reshape(channels, 1, *[1] * spatial_dims)
-        return cls.conv(weight, shift, groups=channels)
+        return cls._per_channel(scale.detach(), shift.detach().to(torch.float64), spatial_dims, scale.dtype, True)
+
+    @classmethod
+    def _per_channel(
+        cls, scale: Tensor, shift: Tensor, spatial_dims: int, dtype: torch.dtype, dims_known: bool
+    ) -> Kernel:
+        """`affine` built directly (a BN's kernel is made for every BN of a graph): `shift` is in float64."""
+        unit = (1,) * spatial_dims
+        return cls(
+            stored_weight=scale.reshape(scale.shape[0], 1, *unit),
+            bias=shift,
+            stride=unit,
+            padding=(0,) * spatial_dims,
+            dilation=unit,
+            groups=scale.shape[0],
+            padding_mode="zeros",
+            dtype=dtype,
+            dims_known=dims_known,
+        )
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, spatial_dims: int | None) -> Kernel:
@@ -144,12 +160,13 @@ class Kernel:
                 Reason.NO_RUNNING_STATS,
                 "this BatchNorm has track_running_stats=False: it normalizes with batch statistics even in eval mode",
             )
-        inv_std = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
-        gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(inv_std)
-        beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(inv_std)
-        scale = gamma * inv_std
-        kernel = cls.affine(scale, beta - bn.running_mean.detach().to(torch.float64) * scale, spatial_dims or 1)
-        return replace(kernel, dtype=bn.running_var.dtype, dims_known=spatial_dims is not None)
+        scale = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)  # float64 from here on
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean.detach() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach()
+        return cls._per_channel(scale, shift, spatial_dims or 1, bn.running_var.dtype, spatial_dims is not None)
 
     @classmethod
     def identity(

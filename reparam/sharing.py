@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors
 from torch.fx import GraphModule
 
 _KEY = "reparam_shared"
@@ -99,16 +100,42 @@ def _unshare(module: nn.Module, shared: _Shared) -> None:
 @contextmanager
 def writes_undone(module: nn.Module) -> Iterator[list[str]]:
     """Run the block, then put back the parameters and buffers of `module` it wrote to; their names fill the list."""
-    saved = [(name, t, t._version, t.detach().clone()) for name, t in _tensors(module)]
+    named = _tensors(module)
+    versions = [t._version for _, t in named]
+    snapshot = _Snapshot([t for _, t in named])
     written: list[str] = []
     try:
         yield written
     finally:
+        for i, (name, tensor) in enumerate(named):
+            if tensor._version != versions[i]:
+                written.append(name)
+                snapshot.restore(i)
+
+
+class _Snapshot:
+    """The values of many tensors, copied with one call per dtype and device (a copy each cost more)."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self._tensors = tensors
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, tensor in enumerate(tensors):
+            groups.setdefault((tensor.dtype, tensor.device), []).append(i)
+        self._where: dict[int, tuple[Tensor, int]] = {}  # tensor i: its group's copy, and its offset there
         with torch.no_grad():
-            for name, tensor, version, value in saved:
-                if tensor._version != version:
-                    written.append(name)
-                    tensor.copy_(value)
+            for indices in groups.values():
+                flat = _flatten_dense_tensors([tensors[i] for i in indices])
+                offset = 0
+                for i in indices:
+                    self._where[i] = (flat, offset)
+                    offset += tensors[i].numel()
+
+    def restore(self, i: int) -> None:
+        """Write tensor `i`'s saved value back into it."""
+        flat, offset = self._where[i]
+        tensor = self._tensors[i]
+        with torch.no_grad():
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
 
 
 @contextmanager
