@@ -111,6 +111,7 @@ class Engine:
         an exported program keeps the paths of what fusion left untouched, as its state_dict keys).
         """
         drop_noops(gm)
+        _delete_unused_submodules(gm)  # a layer whose call was replaced (inlined.py) must not tie its tensors
         report = FuseReport()
         raised: set[str] = set()
         for index in range(_MAX_PASSES):
@@ -231,7 +232,8 @@ class Engine:
         position = {node: i for i, node in enumerate(graph.nodes)}
         replaced: dict[Node, Node] = {}
         new_convs: list[tuple[_NewModule, Region]] = []
-        outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions)]
+        inside = _interiors(ctx.regions)
+        outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions, inside)]
         plans = {out: plan(ctx.regions[out], workload(ctx.regions[out]), self._allow_costlier) for out in outputs}
         measured = self._measure(gm, ctx, plans, timings) if self._stopwatch is not None else {}
         for out in outputs:
@@ -414,9 +416,25 @@ def _call_rule(rule: Rule, node: Node, call: Any) -> Any:
         raise RuleError(message) from error
 
 
-def _is_output(node: Node, regions: dict[Node, Region]) -> bool:
-    """True if some user of `node` does not fold it into its own region."""
-    return any(user not in regions or node not in regions[user].nodes for user in node.users)
+def _interiors(regions: dict[Node, Region]) -> dict[Node, Region]:
+    """The region each interior node of a pattern match belongs to, where no region is anchored on it (the
+    `_native_batch_norm_legit_no_training` under its `getitem`)."""
+    return {
+        node: region
+        for region in regions.values()
+        if isinstance(region, Matched)
+        for node in region.interior
+        if node not in regions
+    }
+
+
+def _is_output(node: Node, regions: dict[Node, Region], interiors: dict[Node, Region]) -> bool:
+    """True if some user of `node` does not fold it into its own region (or the match it is inside of)."""
+    for user in node.users:
+        region = regions.get(user) or interiors.get(user)
+        if region is None or node not in region.nodes:
+            return True
+    return False
 
 
 def _delete_unused_submodules(gm: GraphModule) -> bool:

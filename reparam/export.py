@@ -23,8 +23,10 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .arguments import check_example_inputs, check_flags
+from .canonical import as_torch_fx_spellings
 from .engine import Engine, free_path
 from .errors import InvalidArgumentError, ReparamError, StrictModeError, TrainingModeError
+from .mutation import out_of_place_where_unseen
 from .registry import RuleSet, resolve
 from .report import FuseReport
 from .rules import Rule
@@ -173,12 +175,15 @@ def unexported(ep: torch.export.ExportedProgram) -> GraphModule:
 
 
 def without_noops(gm: GraphModule) -> GraphModule:
-    """`gm`, an unlifted aten program, with its eval-mode no-ops (dropout, clone) removed."""
+    """`gm`, an unlifted aten program, with its eval-mode no-ops (dropout, clone) removed, and in-place
+    arithmetic that nothing else sees written out of place (`out += branch(x)` exports as `aten.add_`)."""
     graph = gm.graph
     for node in list(graph.nodes):
         if _is_noop(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+    out_of_place_where_unseen(graph)
+    as_torch_fx_spellings(gm)
     graph.lint()
     gm.recompile()
     return gm

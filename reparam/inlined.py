@@ -87,17 +87,19 @@ def _write_in_place_of(gm: GraphModule, node: Node, part: GraphModule) -> bool:
     placeholders = [n for n in part.graph.nodes if n.op == "placeholder"]
     [output] = [n for n in part.graph.nodes if n.op == "output"]
     results = output.args[0] if isinstance(output.args[0], list | tuple) else [output.args[0]]
-    calls_modules = any(n.op == "call_module" for n in part.graph.nodes)  # an unlifted program calls none
-    if len(placeholders) != len(node.args) or len(results) != 1 or calls_modules:
+    if len(placeholders) != len(node.args) or len(results) != 1:
         return False
     copies: dict[Node, Any] = dict(zip(placeholders, node.args))
     with gm.graph.inserting_before(node):
         for op in part.graph.nodes:
             if op.op == "get_attr":
                 copies[op] = gm.graph.get_attr(_stored(gm, node.target, str(op.target), attribute(part, op)))
-            elif op.op in ("call_function", "call_method"):  # named after the layer, as the report names them
+            elif op.op in ("call_function", "call_method", "call_module"):  # named after the layer, as reported
+                target = op.target
+                if op.op == "call_module":  # a Linear the program's `aten.linear` became (canonical.py)
+                    target = _stored(gm, node.target, str(op.target), part.get_submodule(str(op.target)))
                 args, kwargs = map_arg((op.args, op.kwargs), copies.__getitem__)
-                copies[op] = gm.graph.create_node(op.op, op.target, args, kwargs, f"{node.name}_{op.name}")
+                copies[op] = gm.graph.create_node(op.op, target, args, kwargs, f"{node.name}_{op.name}")
                 copies[op].meta = dict(op.meta)
     node.replace_all_uses_with(map_arg(results[0], copies.__getitem__))
     gm.graph.erase_node(node)
@@ -105,9 +107,11 @@ def _write_in_place_of(gm: GraphModule, node: Node, part: GraphModule) -> bool:
 
 
 def _stored(gm: GraphModule, layer: str, name: str, value: Any) -> str:
-    """Store a tensor of the exported layer on `gm` under a free name built from the layer's path."""
+    """Store a tensor (or layer) of the exported layer on `gm` under a free name built from the layer's path."""
     path = free_name(gm, f"{layer}_{name}".replace(".", "_"))
-    if isinstance(value, nn.Parameter):
+    if isinstance(value, nn.Module):
+        gm.add_submodule(path, value)
+    elif isinstance(value, nn.Parameter):
         gm.register_parameter(path, value)
     elif isinstance(value, torch.Tensor):
         gm.register_buffer(path, value)

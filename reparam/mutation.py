@@ -48,8 +48,22 @@ _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def is_view(node: Node) -> bool:
-    """Whether `node` returns a view of its first argument (so writing to it writes to that too)."""
+    """Whether `node` returns a view of its first argument (so writing to it writes to that too).
+
+    An aten operator says so in its schema: its result aliases an argument it does not write.
+    """
+    if isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
     return node.target in _VIEWS
+
+
+def _aten_written_argument(target: torch._ops.OpOverload) -> int | None:
+    """The position of the argument an aten operator writes to (`aten.add_.Tensor`: 0), from its schema."""
+    for position, argument in enumerate(target._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            return position
+    return None
 
 
 def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
@@ -66,6 +80,10 @@ def mutated_input(node: Node, modules: dict[str, nn.Module]) -> Node | None:
         return None
     if target is operator.setitem or target in _AUGMENTED:
         return node.args[0]
+    if isinstance(target, torch._ops.OpOverload):
+        position = _aten_written_argument(target)
+        written = node.args[position] if position is not None and position < len(node.args) else None
+        return written if isinstance(written, Node) else None
     name = getattr(target, "__name__", "")
     if name.endswith("_") and not name.startswith("__"):
         return node.args[0]
@@ -98,7 +116,7 @@ class Mutations:
         written_by = {node: mutated_input(node, modules) for node in gm.graph.nodes}
         for node, written in written_by.items():
             base = node.args[0] if node.args and isinstance(node.args[0], Node) else None
-            if base is not None and (node.target in _VIEWS or written is base):
+            if base is not None and (is_view(node) or written is base):
                 self._alias[node] = self._base(base)  # a view, or an in-place op's result (its input)
         self._writes: list[tuple[int, Node, Node]] = []  # (position, op, written base)
         self.mutated_attributes: set[str] = set()
@@ -136,3 +154,26 @@ class Mutations:
             if position > start and base in reads:
                 return op
         return None
+
+
+_OUT_OF_PLACE: dict[Any, Any] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    **{getattr(getattr(torch.ops.aten, f"{name}_"), overload): getattr(getattr(torch.ops.aten, name), overload)
+       for name in ("add", "sub", "mul", "div") for overload in ("Tensor", "Scalar")},
+}  # fmt: skip
+
+
+def out_of_place_where_unseen(graph: torch.fx.Graph) -> None:
+    """`a += b` (`operator.iadd`, `aten.add_`; also `-=`, `*=`, `/=`) as `a + b` where the write cannot be
+    seen: `a` is an intermediate value (not an input, a stored tensor or a view of another tensor) that
+    no node reads after it. Then the sum is a branch sum like any other (`out += branch(x)` in a loop)."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], Node):
+            continue
+        written = node.args[0]
+        intermediate = written.op in ("call_module", "call_function", "call_method") and not is_view(written)
+        read_after = any(position[user] > position[node] for user in written.users)
+        if intermediate and not read_after:
+            node.target = _OUT_OF_PLACE[node.target]

@@ -21,6 +21,7 @@ from torch import nn
 import reparam
 from reparam.blocks import ACBlock, RepVGG, RepVGGBlock, conv_bn, randomize_batchnorm
 from reparam.export import unexported
+from reparam.mutation import is_view, mutated_input
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
@@ -267,7 +268,7 @@ def test_fuse_exported_acnet_blocks_and_arithmetic() -> None:
         fused, report = reparam.fuse_exported_with_report(ep, verify=True)
         assert conv_count(fused) == 1 and bn_count(fused) == 0
         assert set(ops(fused)) == {aten.conv2d.default, aten.relu.default}
-        assert {"aten_scale", "aten_shift", "aten_branch_sum"} <= set(report.fusions[0].rules)
+        assert {"scale", "shift", "branch_sum"} <= set(report.fusions[0].rules)  # aten arithmetic, as torch.fx spells it
         with torch.no_grad():
             assert relative_error(fused.module()(x), model(x)) < 1e-5
 
@@ -294,7 +295,7 @@ def test_fuse_exported_concat_pool_linear_and_transposed() -> None:
         torch.export.export(model, (x,)), allow_costlier=True, verify=True
     )
     rules = {rule for f in report.fusions for rule in f.rules}
-    assert {"aten_concat", "aten_avg_pool", "aten_transposed_conv", "aten_linear"} <= rules
+    assert {"concat", "aten_avg_pool", "aten_transposed_conv", "linear"} <= rules  # cat and linear as fx spells them
     remaining = ops(fused)
     assert remaining[aten.conv2d.default] == 2 and remaining[aten.conv_transpose2d.input] == 1
     assert aten.avg_pool2d.default not in remaining and aten.cat.default not in remaining
@@ -403,3 +404,110 @@ def test_fuse_exported_writes_a_per_channel_map_of_unknown_rank_as_one_batchnorm
     fused = reparam.fuse_exported(torch.export.export(model, (x,)))
     assert conv_count(fused) == 0 and bn_count(fused) == 1
     assert torch.allclose(fused.module()(x), model(x), atol=1e-6)
+
+
+class SummedInPlace(nn.Module):
+    """MobileOne's and FastViT's style: `out = bn(x); out += branch(x)` in a loop, which exports as `aten.add_`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = nn.BatchNorm2d(4)
+        self.branches = nn.ModuleList(conv_bn(4, 4, 3, padding=1) for _ in range(2))
+
+    def forward(self, x):
+        out = self.skip(x)
+        for branch in self.branches:
+            out += branch(x)
+        return out
+
+
+class ReadAfterInPlace(nn.Module):
+    """`z += t` where the old `y` is read afterwards: the write is seen, so the add stays in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        y = self.first(x)
+        z = y.add_(self.second(x))
+        return y * 2 + z
+
+
+def test_fuse_exported_sums_branches_added_in_place_as_fuse_does() -> None:
+    model = randomize_batchnorm(SummedInPlace()).double().eval()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    ep = torch.export.export(model, (x,))
+    assert aten.add_.Tensor in ops(ep)
+    fused, report = reparam.fuse_exported_with_report(ep)
+    assert (conv_count(fused), bn_count(fused), report.refusals) == (1, 0, [])
+    assert sum(isinstance(m, nn.Conv2d) for m in reparam.fuse(model).modules()) == 1
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+def test_fuse_exported_keeps_an_in_place_add_whose_write_is_read() -> None:
+    model = randomize_batchnorm(ReadAfterInPlace()).double().eval()
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)))
+    assert bn_count(fused) == 0  # each conv + BN folds; the sum does not
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+def test_aten_in_place_ops_and_views_are_read_from_their_schemas() -> None:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    viewed = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+    relu = graph.call_function(aten.relu_.default, (viewed,))
+    added = graph.call_function(aten.add.Tensor, (x, x))
+    assert is_view(viewed) and not is_view(added) and not is_view(relu)
+    assert mutated_input(relu, {}) is viewed and mutated_input(added, {}) is None
+
+
+_LINEAR_OPS = (
+    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default, aten.batch_norm.default,
+    aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.permute.default,
+)  # fmt: skip
+
+
+def _linear_ops(ep: torch.export.ExportedProgram) -> Counter:
+    return Counter(str(n.target) for n in ep.graph.nodes if n.target in _LINEAR_OPS)
+
+
+def _authors_blocks() -> list:
+    from tests.models.test_authors_style import (
+        ConvNeXtBlock,
+        FacebookConvNeXtBlock,
+        LeViTMlp,
+        RepMixer,
+        UniRepLKNetBlock,
+        ViTMlpBlock,
+    )
+    from tests.transforms.test_concat import MixedConv, TimmMixedConv
+    from tests.transforms.test_padding import CroppedACB, DBBPadBySubtraction
+
+    return [
+        pytest.param(lambda: UniRepLKNetBlock(8), (2, 8, 7, 5), id="UniRepLKNet: BN after the Linear and permute back"),
+        pytest.param(lambda: ConvNeXtBlock(8), (2, 8, 7, 5), id="timm ConvNeXt: layer scale after the permute back"),
+        pytest.param(lambda: FacebookConvNeXtBlock(8), (2, 8, 7, 5), id="ConvNeXt authors: gamma * linear(x)"),
+        pytest.param(lambda: ViTMlpBlock(8), (2, 5, 8), id="ViT LayerScale on tokens"),
+        pytest.param(lambda: LeViTMlp(8), (2, 5, 8), id="LeViT Linear + BatchNorm1d on tokens"),
+        pytest.param(lambda: RepMixer(8), (2, 8, 7, 5), id="FastViT RepMixer, summed in place"),
+        pytest.param(MixedConv, (2, 12, 7, 5), id="MixNet: BN after a concatenation"),
+        pytest.param(TimmMixedConv, (2, 12, 7, 5), id="timm MixNet: functional BN after a concatenation"),
+        pytest.param(lambda: DBBPadBySubtraction(2, 5, 2, 4), (2, 4, 9, 8), id="DBB padded as F.pad(y - v) + v"),
+        pytest.param(lambda: CroppedACB(3, 2), (2, 4, 9, 8), id="ACNet's crops before its 1x3 and 3x1"),
+    ]
+
+
+@pytest.mark.parametrize(("build", "shape"), _authors_blocks())
+def test_fuse_exported_leaves_no_more_linear_ops_than_fuse(build, shape) -> None:
+    """Parity of the front ends: fuse_exported(export(m)) against export(fuse(m)), op by op."""
+    model = randomize_batchnorm(build()).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    through_fx = torch.export.export(reparam.fuse(model), (x,))
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)))
+    assert _linear_ops(fused) <= _linear_ops(through_fx), (_linear_ops(fused), _linear_ops(through_fx))
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12

@@ -709,6 +709,29 @@ def test_a_layer_that_does_not_trace_is_exported_into_the_graph_given_example_in
     assert torch.equal(loaded(x), fused(x))
 
 
+class FlippedTokens(nn.Module):
+    """A layer with its own Linear weights whose forward decides on a size in Python (no torch.fx trace)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(dim, dim)), nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x.flip(1)
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_a_linear_inside_a_layer_that_does_not_trace_is_inlined_and_its_layer_scale_folds():
+    model = nn.Sequential(FlippedTokens(8), LayerScale(8)).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, example_inputs=(x,))
+    assert [e.module for e in report.exported] == ["0"] and not report.untraced
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1 and "mul" not in fused.code
+    for shape in [(2, 5, 8), (1, 3, 8)]:  # sizes where the exported branch holds (x.shape[1] >= 2)
+        assert_same_function(model, fused, torch.randn(shape, dtype=torch.float64))
+
+
 def test_a_hooked_layer_that_does_not_trace_stays_a_call_given_example_inputs():
     model = randomize_batchnorm(DepthwiseSeparable(8, 16, 2)).double().eval()
     model.conv_dw.register_forward_hook(lambda module, args, out: out * 2)

@@ -5,6 +5,8 @@ with the BN's response to zero, computed in forward from the BN's tensors; its i
 1x1 conv adds a fixed identity tensor to its weight in forward. Both must fuse as they are.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,35 @@ def test_partial_border_writes_are_kept_and_computed_as_written():
     fused, report = reparam.fuse_with_report(model)
     assert convs(fused) == 2 and report.refused(Reason.BORDER_NOT_EXACT)
     assert_same_function(model, fused, torch.randn(1, 3, 6, 5, dtype=torch.float64))
+
+
+def _exported_ops(program: torch.export.ExportedProgram) -> list[str]:
+    return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("k, stride, groups", [(3, 1, 1), (5, 2, 4), (7, 1, 8)])
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training IR", "decomposed"])
+def test_published_dbb_exported_is_one_conv(k, stride, groups, decomposed):
+    """The border writes export as `copy_` into slices (training IR) or `slice_scatter` (decomposed): both fuse."""
+    model = randomized(DiverseBranchBlock(8, 8, k, stride, groups))
+    x = torch.randn(2, 8, 11, 10, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    program = program.run_decompositions() if decomposed else program
+    assert any(op in _exported_ops(program) for op in ("aten.copy_.default", "aten.slice_scatter.default"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no node of the graph is erased twice
+        fused, report = reparam.fuse_exported_with_report(program)
+    ops = _exported_ops(fused)
+    assert [op for op in ops if "conv" in op] == ["aten.conv2d.default"] and len(report.fusions) == 1, report
+    assert not any(word in op for op in ops for word in ("batch_norm", "pad", "slice", "copy", "avg_pool"))
+    with torch.no_grad():
+        assert (fused.module()(x) - model(x)).abs().max() <= 1e-12 * model(x).abs().max()
+
+
+def test_partial_border_writes_exported_are_kept_and_computed_as_written():
+    model = randomize_batchnorm(PartlyWritten()).double().eval()
+    x = torch.randn(1, 3, 6, 5, dtype=torch.float64)
+    fused, report = reparam.fuse_exported_with_report(torch.export.export(model, (x,)))
+    assert sum("conv" in op for op in _exported_ops(fused)) == 2 and report.refused(Reason.BORDER_NOT_EXACT)
+    with torch.no_grad():
+        assert torch.allclose(fused.module()(x), model(x), rtol=0, atol=1e-12)

@@ -1,0 +1,255 @@
+"""aten operators written as the ops the torch.fx rules know, so that one rule serves both front ends.
+
+A program from `torch.export` spells a model in aten operators. Where an operator is exactly
+a torch.fx spelling the rules already match, the node is rewritten to that spelling before
+fusion (its metadata, the propagated shapes included, kept):
+
+    aten.add.Tensor(a, b)      -> a + b        (alpha 1; also .Scalar)
+    aten.sub.Tensor(a, b)      -> a - b        (alpha 1; also .Scalar)
+    aten.mul.Tensor(a, b)      -> a * b        (also .Scalar)
+    aten.div.Tensor(a, b)      -> a / b        (no rounding mode; also .Scalar)
+    aten.permute.default(x, d) -> torch.permute(x, d)
+    aten.cat.default(xs, dim)  -> torch.cat(xs, dim)
+    aten.pad.default(x, p, mode, value), aten.constant_pad_nd.default(x, p, value)
+                               -> F.pad(x, p, mode, value)
+    aten.slice.Tensor(x, d, a, b) (consecutive ones merged)
+                               -> x[:, ..., a:b]                     (d whole slices first)
+    aten.copy_.default(x[i], v), aten.fill_.Scalar(x[i], v), x[i] read by nothing else
+                               -> x[i] = v          (an expand of v to x[i]'s shape left out)
+    aten.linear.default(x, w, b), w and b the tensors of one layer read nowhere else
+                               -> that layer as an `nn.Linear` holding w and b, called on x
+
+Then every rule written over those spellings applies to exported programs too: the constants
+after a Linear of any rank (`linear_constants`), a Linear between permutes (`channels_last`),
+a Linear before a permute back to channels-first (`channels_first`), a per-channel layer after
+a concatenation (`distribute`), a pad folded into a conv and DBB's border assignment
+(`borders`), ACNet's crops (`padding`). The fused module is exported again, which writes them as aten
+operators. Each rewrite is the same function: these are the operators the torch.fx spellings
+dispatch to.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .context import attribute, free_name
+
+aten = torch.ops.aten
+
+_ARITHMETIC: dict[Any, Any] = {
+    **{getattr(aten.add, overload): operator.add for overload in ("Tensor", "Scalar")},
+    **{getattr(aten.sub, overload): operator.sub for overload in ("Tensor", "Scalar")},
+    **{getattr(aten.mul, overload): operator.mul for overload in ("Tensor", "Scalar")},
+    **{getattr(aten.div, overload): operator.truediv for overload in ("Tensor", "Scalar")},
+}
+_RENAMED: dict[Any, Any] = {aten.permute.default: torch.permute, aten.cat.default: torch.cat}
+
+
+def as_torch_fx_spellings(gm: GraphModule) -> None:
+    """Rewrite, in place, each aten operator of `gm` (an unlifted program) that is exactly a torch.fx spelling."""
+    reads = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ARITHMETIC and len(node.args) == 2 and set(node.kwargs) <= {"alpha"}:
+            if node.kwargs.get("alpha", 1) == 1:
+                node.target, node.kwargs = _ARITHMETIC[node.target], {}
+        elif node.target in _RENAMED:
+            node.target = _RENAMED[node.target]
+        elif node.target in (aten.pad.default, aten.constant_pad_nd.default):
+            _as_pad(node)
+        elif node.target is aten.slice.Tensor:
+            _as_getitem(gm, node)
+        elif node.target in (aten.copy_.default, aten.fill_.Scalar):
+            _as_setitem(gm, node)
+        elif node.target is aten.slice_scatter.default:
+            _scatter_as_setitem(gm, node)
+        elif node.target is aten.linear.default:
+            _as_linear_layer(gm, node, reads)
+
+
+def _as_pad(node: Node) -> None:
+    """`aten.pad(x, p, mode="constant", value=None)` and `aten.constant_pad_nd(x, p, value=0)` as `F.pad`."""
+    if node.target is aten.constant_pad_nd.default:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        node.args, node.kwargs = (*node.args[:2], "constant", value), {}
+    node.target = F.pad
+
+
+_WHOLE = slice(None)
+_OPEN_END = 2**63 - 1  # aten's end of a slice to the end
+
+
+def _slice_index(node: Node, first: int) -> tuple[slice, ...] | None:
+    """The index `[:, ..., start:end:step]` of `aten.slice(x, dim, start, end, step)` (arguments from
+    `first` on; `aten.slice_scatter` has one more before them); None where a negative dim has no rank."""
+    dim, start, end, step = (*node.args[first:], *[None] * 4)[:4]
+    dim = node.kwargs.get("dim", 0 if dim is None else dim)
+    start, end = node.kwargs.get("start", start), node.kwargs.get("end", end)
+    step = node.kwargs.get("step", 1 if step is None else step)
+    if dim < 0:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            return None
+        dim += value.dim()
+    cut = slice(start, None if end is not None and end >= _OPEN_END else end, None if step == 1 else step)
+    return (_WHOLE,) * dim + (cut,)
+
+
+def _as_getitem(gm: GraphModule, node: Node) -> None:
+    """`aten.slice(x, dim, start, end, step)` as `x[:, ..., start:end:step]`, merged into the slice it
+    reads (`x[:, :, a:b][:, :, :, c:d]` is `x[:, :, a:b, c:d]`) where nothing else reads that one."""
+    x, index = node.args[0], _slice_index(node, 1)
+    if index is None:
+        return
+    if _is_slicing(x) and len(x.users) == 1:
+        merged = _merged(x.args[1], index)
+        if merged is not None:
+            x, index = x.args[0], merged
+    node.target, node.args, node.kwargs = operator.getitem, (x, index), {}
+    if isinstance(node.args[0], Node):
+        _erase_if_unread(gm, node.args[0])
+
+
+def _is_slicing(node: Any) -> bool:
+    """Whether `node` is `x[index]` with an index of slices only (a view of x of the same rank)."""
+    return (
+        isinstance(node, Node)
+        and node.target is operator.getitem
+        and isinstance(node.args[1], tuple)
+        and all(isinstance(k, slice) for k in node.args[1])
+    )
+
+
+def _merged(first: tuple[slice, ...], second: tuple[slice, ...]) -> tuple[slice, ...] | None:
+    """The one index of `x[first][second]`, both slicing, where they cut different dims; else None."""
+    length = max(len(first), len(second))
+    first, second = first + (_WHOLE,) * (length - len(first)), second + (_WHOLE,) * (length - len(second))
+    if any(a != _WHOLE and b != _WHOLE for a, b in zip(first, second)):
+        return None
+    return tuple(b if a == _WHOLE else a for a, b in zip(first, second))
+
+
+def _as_setitem(gm: GraphModule, node: Node) -> None:
+    """`copy_(x[index], v)` / `fill_(x[index], v)` as `x[index] = v`: the item assignment it was written as."""
+    target, value = node.args
+    if node.kwargs or node.users or not _is_slicing(target) or len(target.users) != 1:
+        return
+    node.target, node.args = operator.setitem, (target.args[0], target.args[1], _assigned(value, target))
+    for key in ("val", "tensor_meta"):  # an assignment returns nothing
+        node.meta.pop(key, None)
+    gm.graph.erase_node(target)
+    _erase_if_unread(gm, value)
+
+
+def _scatter_as_setitem(gm: GraphModule, node: Node) -> None:
+    """`slice_scatter(x, copy(x[index], v), index)`, the functional form of `x[index] = v` that
+    `run_decompositions` writes, as that assignment, where nothing else reads x but earlier assignments:
+    then the readers of the result read x, written in place, as in the torch.fx trace of the same code."""
+    base, source, index = node.args[0], node.args[1], _slice_index(node, 2)
+    if not isinstance(source, Node) or source.target is not aten.copy.default or len(source.users) != 1:
+        return
+    target = source.args[0]
+    if index is None or not _is_slicing(target) or target.args != (base, index) or len(target.users) != 1:
+        return
+    writes = [u for u in base.users if u.target is operator.setitem and u.args[0] is base]
+    if set(base.users) != {target, node, *writes} or source.kwargs or node.kwargs:
+        return
+    with gm.graph.inserting_before(node):
+        gm.graph.call_function(operator.setitem, (base, index, _assigned(source.args[1], target)))
+    node.replace_all_uses_with(base)
+    value = source.args[1]
+    for dead in (node, source, target):
+        gm.graph.erase_node(dead)
+    _erase_if_unread(gm, value)
+
+
+def _assigned(value: Any, target: Node) -> Any:
+    """The value to assign to `target` for `copy_(target, value)`: `value` without an expand to target's
+    shape, or a view dropping leading 1s, which assignment's broadcasting does anyway."""
+    if isinstance(value, Node) and value.target is aten.expand.default and _same_shape(value, target):
+        value = value.args[0]
+    if isinstance(value, Node) and value.target is aten.view.default and _drops_leading_ones(value):
+        value = value.args[0]
+    return value
+
+
+def _drops_leading_ones(view: Node) -> bool:
+    """Whether `view` only drops leading size-1 dims of its input ((1, C, 1, 1) to (C, 1, 1))."""
+    source, result = view.args[0], view.meta.get("val")
+    shape = source.meta.get("val") if isinstance(source, Node) else None
+    if not isinstance(shape, torch.Tensor) or not isinstance(result, torch.Tensor):
+        return False
+    extra = shape.dim() - result.dim()
+    return extra >= 0 and tuple(shape.shape) == (1,) * extra + tuple(result.shape)
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    shapes = [n.meta.get("val") for n in (a, b)]
+    return all(isinstance(s, torch.Tensor) for s in shapes) and shapes[0].shape == shapes[1].shape
+
+
+def _as_linear_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
+    """`aten.linear(x, w, b)` as a call of an `nn.Linear` holding w and b, where nothing else reads them.
+
+    Where w and b are all a module holds (an unlifted program keeps each layer's tensors in a module
+    of its path), the Linear takes that module's place; else it is added, named after w, and w and
+    b move into it.
+    """
+    x, weight, bias = (*node.args, None)[:3]
+    tensors = [t for t in (weight, bias) if t is not None]
+    if node.kwargs or not all(_read_only_by(t, node, reads) for t in tensors):
+        return
+    values = [attribute(gm, t) for t in tensors]
+    if not all(isinstance(v, nn.Parameter) for v in values) or values[0].dim() != 2:
+        return
+    linear = nn.Linear(values[0].shape[1], values[0].shape[0], bias=bias is not None, device="meta")
+    linear.weight, linear.bias = values[0], values[1] if bias is not None else None
+    owners = {str(t.target).rpartition(".")[0] for t in tensors}
+    path = owners.pop()
+    owner = gm.get_submodule(path)
+    names = {str(t.target).rpartition(".")[2] for t in tensors}
+    state = set(owner._parameters) | set(owner._buffers) | set(owner._modules)
+    if path and not owners and names == {"weight", "bias"} & state == state and not vars(owner).get("forward"):
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent), name, linear)  # the layer's own module, now a Linear
+    else:
+        for tensor in tensors:
+            owner_path, _, name = str(tensor.target).rpartition(".")
+            delattr(gm.get_submodule(owner_path), name)
+        path = free_name(gm, re.sub(r"[._]?weight$", "", str(weight.target)).replace(".", "_") or "linear")
+        gm.add_submodule(path, linear)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(path, (x,))
+    call.meta = node.meta
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    for tensor in tensors:
+        gm.graph.erase_node(tensor)
+
+
+def _read_only_by(tensor: Any, node: Node, reads: Counter) -> bool:
+    """Whether `tensor` is a `get_attr` read by `node` alone, and no other node reads its attribute."""
+    return (
+        isinstance(tensor, Node)
+        and tensor.op == "get_attr"
+        and set(tensor.users) == {node}
+        and reads[tensor.target] == 1
+    )
+
+
+def _erase_if_unread(gm: GraphModule, value: Any) -> None:
+    """Erase `value` if nothing reads it, then so the nodes only it read (an expand of a view left out)."""
+    if isinstance(value, Node) and not value.users and value.op == "call_function":
+        inputs = value.all_input_nodes
+        gm.graph.erase_node(value)
+        for node in inputs:
+            _erase_if_unread(gm, node)
