@@ -35,7 +35,7 @@ from .export import fuse_aten_module
 from .exported_parts import Calls, called_children, crosses_children, exported_part, linear_ops, record_calls
 from .inlined import inline_untraceable_layers, name_the_fix
 from .measured import EXAMPLE_INPUTS
-from .mutation import is_view
+from .mutation import out_of_place_where_unseen
 from .report import Exported, FuseReport, Untraced
 from .rules import Rule, plain_functions
 from .sharing import attributes_undone, deep_copy, share, unshare, writes_undone
@@ -97,7 +97,15 @@ class _LeafTracer(torch.fx.Tracer):
         return parameter_proxy_cache[path]
 
     def create_arg(self, a: Any) -> Any:
-        """torch.fx's `create_arg`, a parameter or buffer passed as an argument found by its id (as in `getattr`)."""
+        """torch.fx's `create_arg`, a parameter or buffer passed as an argument found by its id (as in `getattr`).
+
+        A Proxy and a plain number or string are what torch.fx would return them as, without first
+        asking whether their type is a registered opaque type (a weak-dict lookup per argument).
+        """
+        if isinstance(a, torch.fx.Proxy):
+            return a.node
+        if a is None or type(a) in (int, float, bool, str):
+            return a
         if isinstance(a, torch.Tensor):
             parameters, buffers = self._tensor_paths
             path = parameters.get(id(a)) if isinstance(a, nn.Parameter) else buffers.get(id(a))
@@ -141,7 +149,7 @@ class _AssignableProxy(torch.fx.Proxy):
     torch.fx's own Proxy turns `z += t` into `z = z + t`: a new value bound to `z` alone, so after
     `z = y; z += t`, `y` keeps the old value where eager PyTorch changed `y` too. Here the one
     Proxy object that every alias holds moves to the `operator.iadd` node instead;
-    `_out_of_place_augmented_assignments` then writes it as `z + t` wherever nothing else can see
+    `mutation.out_of_place_where_unseen` then writes it as `z + t` wherever nothing else can see
     the difference.
     """
 
@@ -189,24 +197,6 @@ class _StoredTensorProxy(_AssignableProxy):
 
     def __len__(self) -> int:
         return len(self.tensor)
-
-
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                 operator.itruediv: operator.truediv}  # fmt: skip
-
-
-def _out_of_place_augmented_assignments(graph: torch.fx.Graph) -> None:
-    """`a += b` as `a + b` where the write cannot be seen: `a` is an intermediate value (not an input,
-    a stored tensor or a view of another tensor) that no node reads after it."""
-    position = {node: i for i, node in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], Node):
-            continue
-        written = node.args[0]
-        intermediate = written.op in ("call_module", "call_function", "call_method") and not is_view(written)
-        read_after = any(position[user] > position[node] for user in written.users)
-        if intermediate and not read_after:
-            node.target = _OUT_OF_PLACE[node.target]
 
 
 _FAILED_IN = "_reparam_failed_in"
@@ -260,7 +250,7 @@ def trace(
             "without them: a trace keeps only one of the two cases (`if skip is not None` is not recorded), so "
             "the graph would not compute what forward does when they are left out"
         )
-    _out_of_place_augmented_assignments(graph)
+    out_of_place_where_unseen(graph)
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None
