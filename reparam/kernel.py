@@ -422,6 +422,9 @@ class Kernel:
         puts them.
         """
         ratio = self.groups // groups
+        if ratio == 1:  # the same groups: the taps fall into the window as they are
+            weight[(slice(None),) * 2 + self._window(padding, dilation)] += self.weight
+            return
         out_per_group, in_per_group = self.weight.shape[0] // self.groups, self.weight.shape[1]
         blocks = weight.view(groups, ratio, out_per_group, ratio, in_per_group, *weight.shape[2:])
         diagonal = torch.diagonal(blocks, dim1=1, dim2=3)  # (groups, out, in, *taps, ratio)
