@@ -16,6 +16,9 @@ fusion (its metadata, the propagated shapes included, kept):
                                -> x[:, ..., a:b]                     (d whole slices first)
     aten.copy_.default(x[i], v), aten.fill_.Scalar(x[i], v), x[i] read by nothing else
                                -> x[i] = v          (an expand of v to x[i]'s shape left out)
+    aten.addmm.default(b, x, permute(w, [1, 0])), aten.mm.default(x, permute(w, [1, 0]))
+                               -> aten.linear.default(x, w, b)       (decomposed; with the views
+                                  around it of a rank > 2 input: the linear of that input)
     aten.linear.default(x, w, b), w and b the tensors of one layer read nowhere else
                                -> that layer as an `nn.Linear` holding w and b, called on x
 
@@ -51,6 +54,7 @@ _ARITHMETIC: dict[Any, Any] = {
     **{getattr(aten.div, overload): operator.truediv for overload in ("Tensor", "Scalar")},
 }
 _RENAMED: dict[Any, Any] = {aten.permute.default: torch.permute, aten.cat.default: torch.cat}
+_MATMULS = (aten.addmm.default, aten.mm.default)  # a decomposed linear
 
 
 def as_torch_fx_spellings(gm: GraphModule) -> None:
@@ -72,8 +76,55 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
             _as_setitem(gm, node)
         elif node.target is aten.slice_scatter.default:
             _scatter_as_setitem(gm, node)
-        elif node.target is aten.linear.default:
+        elif node.target is aten.linear.default or (node.target in _MATMULS and _as_linear(gm, node)):
             _as_linear_layer(gm, node, reads)
+        elif node.target is aten.view.default:
+            _linear_of_any_rank(gm, node)
+
+
+def _as_linear(gm: GraphModule, node: Node) -> bool:
+    """`addmm(b, x, permute(w, [1, 0]))` and `mm(x, permute(w, [1, 0]))`, a decomposed `linear(x, w, b)`,
+    as that `aten.linear` (True), where w is a tensor of the model the permute alone reads."""
+    bias, x, transposed = node.args if node.target is aten.addmm.default else (None, *node.args)
+    if node.kwargs or not isinstance(transposed, Node) or transposed.target not in (torch.permute, aten.t.default):
+        return False
+    weight = transposed.args[0]
+    dims = transposed.args[1:] if transposed.target is torch.permute else [[1, 0]]
+    if list(dims) != [[1, 0]] or not isinstance(weight, Node) or weight.op != "get_attr" or len(transposed.users) != 1:
+        return False
+    node.target, node.args = aten.linear.default, (x, weight, bias)
+    gm.graph.erase_node(transposed)
+    return True
+
+
+def _linear_of_any_rank(gm: GraphModule, node: Node) -> None:
+    """`view(linear(view(x, [n, c])), [*lead, o])`, a decomposed `linear` of a rank > 2 input (lead its
+    leading dims, n their product), as the `linear(x)` it was."""
+    linear = node.args[0]
+    if not isinstance(linear, Node) or len(linear.users) != 1 or not _is_linear_call(gm, linear):
+        return
+    flattened = linear.args[0]
+    if not isinstance(flattened, Node) or flattened.target is not aten.view.default or len(flattened.users) != 1:
+        return
+    x = flattened.args[0]
+    shapes = [n.meta.get("val") for n in (x, flattened, linear, node)]
+    if not all(isinstance(v, torch.Tensor) for v in shapes):
+        return
+    x_shape, flat, out, unflat = (tuple(v.shape) for v in shapes)
+    if len(flat) != 2 or flat[1] != x_shape[-1] or unflat[:-1] != x_shape[:-1] or unflat[-1] != out[-1]:
+        return
+    linear.args = (x, *linear.args[1:])
+    linear.meta["val"] = node.meta["val"]
+    linear.meta.pop("tensor_meta", None)
+    node.replace_all_uses_with(linear)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(flattened)
+
+
+def _is_linear_call(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))) is nn.Linear
+    return node.target is aten.linear.default
 
 
 def _as_pad(node: Node) -> None:

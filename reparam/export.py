@@ -196,8 +196,10 @@ def _is_noop(node: Node) -> bool:
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
         return train is False
     if node.target is aten.clone.default:  # decompositions write an eval dropout as clone(x)
-        source = node.args[0]
-        return source.op == "call_function" and node.kwargs.get("memory_format") in (None, torch.contiguous_format)
+        source, value = node.args[0], node.args[0].meta.get("val")
+        contiguous = isinstance(value, torch.Tensor) and value.is_contiguous()  # else a view after it needs it
+        keeps_format = node.kwargs.get("memory_format") in (None, torch.contiguous_format)
+        return source.op == "call_function" and keeps_format and contiguous
     return False
 
 

@@ -22,6 +22,7 @@ import reparam
 from reparam.blocks import ACBlock, RepVGG, RepVGGBlock, conv_bn, randomize_batchnorm
 from reparam.export import unexported
 from reparam.mutation import is_view, mutated_input
+from tests.models.test_authors_style import UniRepLKNetBlock, ViTMlpBlock
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
@@ -268,7 +269,8 @@ def test_fuse_exported_acnet_blocks_and_arithmetic() -> None:
         fused, report = reparam.fuse_exported_with_report(ep, verify=True)
         assert conv_count(fused) == 1 and bn_count(fused) == 0
         assert set(ops(fused)) == {aten.conv2d.default, aten.relu.default}
-        assert {"scale", "shift", "branch_sum"} <= set(report.fusions[0].rules)  # aten arithmetic, as torch.fx spells it
+        # the aten arithmetic, rewritten as torch.fx spells it, folds by the same rules
+        assert {"scale", "shift", "branch_sum"} <= set(report.fusions[0].rules)
         with torch.no_grad():
             assert relative_error(fused.module()(x), model(x)) < 1e-5
 
@@ -295,7 +297,7 @@ def test_fuse_exported_concat_pool_linear_and_transposed() -> None:
         torch.export.export(model, (x,)), allow_costlier=True, verify=True
     )
     rules = {rule for f in report.fusions for rule in f.rules}
-    assert {"concat", "aten_avg_pool", "aten_transposed_conv", "linear"} <= rules  # cat and linear as fx spells them
+    assert {"concat", "aten_avg_pool", "aten_transposed_conv", "linear"} <= rules  # cat and linear as fx spells
     remaining = ops(fused)
     assert remaining[aten.conv2d.default] == 2 and remaining[aten.conv_transpose2d.input] == 1
     assert aten.avg_pool2d.default not in remaining and aten.cat.default not in remaining
@@ -509,5 +511,37 @@ def test_fuse_exported_leaves_no_more_linear_ops_than_fuse(build, shape) -> None
     through_fx = torch.export.export(reparam.fuse(model), (x,))
     fused = reparam.fuse_exported(torch.export.export(model, (x,)))
     assert _linear_ops(fused) <= _linear_ops(through_fx), (_linear_ops(fused), _linear_ops(through_fx))
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        pytest.param(lambda: nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4)), (3, 8), id="addmm: Linear + BN1d"),
+        pytest.param(lambda: ViTMlpBlock(8), (2, 5, 8), id="view, addmm, view: a Linear on tokens and its layer scale"),
+    ],
+)
+def test_a_decomposed_linear_folds_as_the_linear_it_was(build, shape) -> None:
+    model = randomize_batchnorm(build()).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    decomposed = program.run_decompositions()
+    assert aten.addmm.default in ops(decomposed) and aten.linear.default not in ops(decomposed)
+    fused = reparam.fuse_exported(decomposed)
+    assert _linear_ops(fused) == _linear_ops(reparam.fuse_exported(program))
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+def test_a_clone_that_makes_a_permuted_tensor_contiguous_for_a_view_is_kept() -> None:
+    """Decomposed, a Linear on a rank-4 channels-last tensor is `clone(expand(permute(x)))` then `view`:
+    the clone is no eval no-op there (it once was dropped, and the fused program failed to export)."""
+    model = randomize_batchnorm(UniRepLKNetBlock(8)).double().eval()
+    x = torch.randn(2, 8, 7, 5, dtype=torch.float64)
+    decomposed = torch.export.export(model, (x,)).run_decompositions()
+    assert aten.clone.default in ops(decomposed)
+    fused = reparam.fuse_exported(decomposed)
+    assert aten.clone.default in ops(fused)
     with torch.no_grad():
         assert relative_error(fused.module()(x), model(x)) < 1e-12
