@@ -232,6 +232,8 @@ class Engine:
         position = {node: i for i, node in enumerate(graph.nodes)}
         replaced: dict[Node, Node] = {}
         new_convs: list[tuple[_NewModule, Region]] = []
+        constants: list[Node] = []  # inputs of erased nodes, erased in turn where nothing else reads them
+        erased: set[Node] = set()
         inside = _interiors(ctx.regions)
         outputs = [n for n in graph.nodes if n in ctx.regions and _is_output(n, ctx.regions, inside)]
         plans = {out: plan(ctx.regions[out], workload(ctx.regions[out]), self._allow_costlier) for out in outputs}
@@ -251,12 +253,13 @@ class Engine:
                     new.meta[key] = out.meta[key]
             new.meta.setdefault("reparam", {"rules": sorted(region.rules), "sources": []})["replaces"] = out.name
             replaced[out] = new
-            constants: list[Node] = []
             for node in sorted(region.nodes, key=position.__getitem__, reverse=True):
                 if not node.users:
-                    constants += node.all_input_nodes
+                    constants += [c for c in node.all_input_nodes if c not in region.nodes]
                     graph.erase_node(node)
-            erase_unused_constants(gm, [c for c in constants if c not in region.nodes])
+                    erased.add(node)
+        # once, as it scans the graph for the tensors still read
+        erase_unused_constants(gm, [c for c in constants if c not in erased])
         return new_convs
 
     def _measure(
