@@ -50,7 +50,7 @@ class Context:
         """The modules holding each tensor (by id), built when a layer is first checked for tied weights."""
         owners: dict[int, list[str]] = defaultdict(list)
         for name, module in self._modules.items():
-            for tensor in _own_tensors(module):
+            for tensor in own_tensors(module):
                 owners[id(tensor)].append(name or type(self._gm).__name__)
         return owners
 
@@ -161,7 +161,7 @@ class Context:
             refusal = runs_more_than_its_class(module)
             if refusal is not None:
                 raise FusionRefused(refusal.reason, f"{node.target}: {refusal.message}; it is kept as written")
-            tensors = _own_tensors(module)
+            tensors = own_tensors(module)
             if tensors and self._calls[node.target] > 1:  # a parameterless module (a pool) may be reused
                 raise FusionRefused(
                     Reason.SHARED_MODULE, f"{node.target} is called at {self._calls[node.target]} places"
@@ -321,7 +321,7 @@ def attribute(gm: GraphModule, node: Node) -> Any:
     return owner
 
 
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+def own_tensors(module: nn.Module) -> list[torch.Tensor]:
     """`module`'s parameters and buffers, not its children's (`parameters(recurse=False)` without
     its generator machinery, which costs more than the lookup: this runs for every layer, every pass)."""
     return [t for t in itertools.chain(module._parameters.values(), module._buffers.values()) if t is not None]

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors
 from torch.fx import GraphModule
 
+from .context import own_tensors
+
 _KEY = "reparam_shared"
 
 
@@ -30,13 +32,15 @@ class _Shared:
 
     def __init__(self, model: nn.Module) -> None:
         self.ids: set[int] = set()
+        plain: list[Tensor] = []  # tensors kept as plain attributes
         for module in model.modules():
             self.ids.add(id(module))
-            self.ids.update(id(t) for t in module._parameters.values())
-            self.ids.update(id(t) for t in module._buffers.values())
-            self.ids.update(id(v) for v in vars(module).values() if isinstance(v, Tensor))  # plain tensor attributes
+            self.ids.update(map(id, module._parameters.values()))
+            self.ids.update(map(id, module._buffers.values()))
+            plain += [v for v in module.__dict__.values() if isinstance(v, Tensor)]
+        self.ids.update(map(id, plain))
         self.ids.discard(id(None))
-        self.memo: dict[int, Any] = _computed_attributes(model)
+        self.memo: dict[int, Any] = _detached(plain)
 
     def copied(self, value: Any) -> Any:
         return copy.deepcopy(value, self.memo) if id(value) in self.ids else value
@@ -46,17 +50,15 @@ def deep_copy(value: Any) -> Any:
     """`copy.deepcopy`, also of a module that keeps a tensor computed from its parameters as a plain
     attribute (`torch.nn.utils.weight_norm` sets `weight` so): deepcopy refuses such a tensor, which is
     copied detached (its hook computes it again at the next call)."""
-    return copy.deepcopy(value, _computed_attributes(value) if isinstance(value, nn.Module) else {})
+    if not isinstance(value, nn.Module):
+        return copy.deepcopy(value)
+    plain = [v for module in value.modules() for v in vars(module).values() if isinstance(v, Tensor)]
+    return copy.deepcopy(value, _detached(plain))
 
 
-def _computed_attributes(model: nn.Module) -> dict[int, Any]:
-    """A deepcopy memo with a detached copy of each plain tensor attribute that has a grad_fn."""
-    return {
-        id(value): value.detach().clone()
-        for module in model.modules()
-        for value in vars(module).values()
-        if isinstance(value, Tensor) and value.grad_fn is not None
-    }
+def _detached(plain: list[Tensor]) -> dict[int, Any]:
+    """A deepcopy memo with a detached copy of each of the plain tensor attributes `plain` that has a grad_fn."""
+    return {id(value): value.detach().clone() for value in plain if value.grad_fn is not None}
 
 
 def share(gm: GraphModule, model: nn.Module) -> None:
@@ -100,16 +102,18 @@ def _unshare(module: nn.Module, shared: _Shared) -> None:
 @contextmanager
 def writes_undone(module: nn.Module) -> Iterator[list[str]]:
     """Run the block, then put back the parameters and buffers of `module` it wrote to; their names fill the list."""
-    named = _tensors(module)
-    versions = [t._version for _, t in named]
-    snapshot = _Snapshot([t for _, t in named])
+    tensors = list(dict.fromkeys(t for m in module.modules() for t in own_tensors(m)))  # each once
+    versions = [t._version for t in tensors]
+    snapshot = _Snapshot(tensors)
     written: list[str] = []
     try:
         yield written
     finally:
-        for i, (name, tensor) in enumerate(named):
-            if tensor._version != versions[i]:
-                written.append(name)
+        changed = [i for i, tensor in enumerate(tensors) if tensor._version != versions[i]]
+        if changed:
+            names = {id(t): name for name, t in (*module.named_parameters(), *module.named_buffers())}
+            for i in changed:
+                written.append(names[id(tensors[i])])
                 snapshot.restore(i)
 
 
@@ -140,26 +144,28 @@ class _Snapshot:
 
 @contextmanager
 def attributes_undone(module: nn.Module) -> Iterator[None]:
-    """Run the block, then put back the plain attributes of `module` and its submodules as they were.
+    """Run the block, then put back the attributes of `module` and its submodules as they were.
 
     Tracing runs forward's Python on Proxies, and Python state it writes keeps them: LeViT caches
     its attention biases in a dict (`self.attention_bias_cache[str(device)] = ...`), which a trace
     filled with a Proxy of its graph, for the caller's model to hold and the next trace to read
-    as if it were a value. Dicts, lists and sets are restored in place (whoever holds one sees
-    its old contents), other values rebound, and attributes the block added removed.
+    as if it were a value. Every attribute is rebound as it was; plain dicts, lists and sets (not
+    nn.Module's own, named with a `_`) are restored in place too (whoever holds one sees its old
+    contents); plain attributes the block added are removed.
     """
     saved = []
     for owner in module.modules():
-        values = _plain(owner)
-        contents = {name: copy.copy(value) for name, value in values.items() if isinstance(value, _CONTAINERS)}
-        saved.append((owner, values, contents))
+        values = owner.__dict__.copy()
+        contents = {k: copy.copy(v) for k, v in values.items() if k[0] != "_" and isinstance(v, _CONTAINERS)}
+        saved.append((owner.__dict__, values, contents))
     try:
         yield
     finally:
-        for owner, values, contents in saved:
-            for name in set(_plain(owner)) - set(values):
-                del owner.__dict__[name]
-            owner.__dict__.update(values)
+        for attributes, values, contents in saved:
+            for name in attributes.keys() - values.keys():
+                if name[0] != "_":  # torch.fx's own (`_tensor_constant0`) the trace reads
+                    del attributes[name]
+            attributes.update(values)
             for name, content in contents.items():
                 container = values[name]
                 container.clear()
@@ -169,13 +175,4 @@ def attributes_undone(module: nn.Module) -> Iterator[None]:
                     container.update(content)
 
 
-_CONTAINERS = (dict, list, set)
-
-
-def _plain(module: nn.Module) -> dict[str, Any]:
-    """The attributes forward's Python may write: not nn.Module's own state (`_modules`, hooks, ...)."""
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-
-
-def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*module.named_parameters(), *module.named_buffers()]
+_CONTAINERS = (dict, list, set)  # nn.Module's own ones (`_modules`, hooks, ...) are named with a `_`
