@@ -92,6 +92,8 @@ def _as_linear(gm: GraphModule, node: Node) -> bool:
     dims = transposed.args[1:] if transposed.target is torch.permute else [[1, 0]]
     if list(dims) != [[1, 0]] or not isinstance(weight, Node) or weight.op != "get_attr" or len(transposed.users) != 1:
         return False
+    if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr" and attribute(gm, bias).dim() == 1):
+        return False  # addmm adds any matrix; a linear's bias is one vector
     node.target, node.args = aten.linear.default, (x, weight, bias)
     gm.graph.erase_node(transposed)
     return True
@@ -262,6 +264,8 @@ def _as_linear_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
     values = [attribute(gm, t) for t in tensors]
     if not all(isinstance(v, nn.Parameter) for v in values) or values[0].dim() != 2:
         return
+    if bias is not None and tuple(values[1].shape) != (values[0].shape[0],):
+        return  # a bias that broadcasts: no nn.Linear holds it
     linear = nn.Linear(values[0].shape[1], values[0].shape[0], bias=bias is not None, device="meta")
     linear.weight, linear.bias = values[0], values[1] if bias is not None else None
     owners = {str(t.target).rpartition(".")[0] for t in tensors}

@@ -545,3 +545,23 @@ def test_a_clone_that_makes_a_permuted_tensor_contiguous_for_a_view_is_kept() ->
     assert aten.clone.default in ops(fused)
     with torch.no_grad():
         assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+class MatrixPlusProduct(nn.Module):
+    """`addmm(M, x, w.t())` with a matrix M: a product and a sum, but no Linear (its bias would be a matrix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.offset = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return torch.addmm(self.offset, x, self.weight.t()) * 2
+
+
+def test_an_addmm_with_a_matrix_is_no_linear_and_stays_as_written() -> None:
+    model = MatrixPlusProduct().double().eval()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    fused = reparam.fuse_exported(torch.export.export(model, (x,)).run_decompositions())
+    assert aten.addmm.default in ops(fused) and aten.linear.default not in ops(fused)
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
