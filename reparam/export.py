@@ -182,7 +182,7 @@ def without_noops(gm: GraphModule) -> GraphModule:
         if _is_noop(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-    out_of_place_where_unseen(graph)
+    out_of_place_where_unseen(graph, dict(gm.named_modules()))
     as_torch_fx_spellings(gm)
     graph.lint()
     gm.recompile()

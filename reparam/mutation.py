@@ -164,16 +164,34 @@ _OUT_OF_PLACE: dict[Any, Any] = {
 }  # fmt: skip
 
 
-def out_of_place_where_unseen(graph: torch.fx.Graph) -> None:
+def out_of_place_where_unseen(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """`a += b` (`operator.iadd`, `aten.add_`; also `-=`, `*=`, `/=`) as `a + b` where the write cannot be
     seen: `a` is an intermediate value (not an input, a stored tensor or a view of another tensor) that
-    no node reads after it. Then the sum is a branch sum like any other (`out += branch(x)` in a loop)."""
+    no node reads after it, under any of its names (`b = a.add_(1)` makes b another name of a). Then the
+    sum is a branch sum like any other (`out += branch(x)` in a loop). `modules`: the graph's, by path."""
     position = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], Node):
             continue
-        written = node.args[0]
-        intermediate = written.op in ("call_module", "call_function", "call_method") and not is_view(written)
-        read_after = any(position[user] > position[node] for user in written.users)
-        if intermediate and not read_after:
+        names = _names_of(node.args[0], modules)
+        intermediate = names[-1].op in ("call_module", "call_function", "call_method")
+        other_names = any(  # a view or an in-place result besides this chain: that name may be read later
+            user is not node and user not in names and (is_view(user) or mutated_input(user, modules) is name)
+            for name in names
+            for user in name.users
+        )
+        read_after = any(position[user] > position[node] for name in names for user in name.users)
+        if intermediate and not any(map(is_view, names)) and not other_names and not read_after:
             node.target = _OUT_OF_PLACE[node.target]
+
+
+def _names_of(tensor: Node, modules: dict[str, nn.Module]) -> list[Node]:
+    """`tensor` and the nodes it is another name of: the tensor an in-place op wrote (and returned), the
+    base of a view (whose storage it shares), and so on back to the first."""
+    names = [tensor]
+    while True:
+        base = tensor.args[0] if is_view(tensor) and tensor.args else mutated_input(tensor, modules)
+        if not isinstance(base, Node):
+            return names
+        names.append(base)
+        tensor = base

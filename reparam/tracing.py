@@ -250,7 +250,7 @@ def trace(
             "without them: a trace keeps only one of the two cases (`if skip is not None` is not recorded), so "
             "the graph would not compute what forward does when they are left out"
         )
-    out_of_place_where_unseen(graph)
+    out_of_place_where_unseen(graph, dict(tracer.root.named_modules()))
     for node in graph.nodes:  # annotations kept as strings (`from __future__ import annotations`) do not pickle
         if isinstance(node.type, str):
             node.type = None

@@ -266,3 +266,30 @@ def test_augmented_assignment_to_the_input_still_writes_to_it():
     with torch.no_grad():
         torch.testing.assert_close(fused(mine), model(theirs))
     torch.testing.assert_close(mine, x + 1.0)
+
+
+class AugmentedThroughInPlaceResult(nn.Module):
+    """`b = a.add_(1); b += t; return a`: b is a, so the augmented assignment writes to a too."""
+
+    def __init__(self, sibling: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.sibling = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1), sibling
+
+    def forward(self, x):
+        a = self.a(x)
+        c = a.mul_(2) if self.sibling else a  # c is a third name of the same tensor
+        b = a.add_(1)
+        b += self.b(x)
+        return c * 3
+
+
+@pytest.mark.parametrize("sibling", [False, True], ids=["the written tensor read", "another name of it read"])
+def test_augmented_assignment_to_an_in_place_result_writes_to_every_name_of_it(sibling):
+    model = randomize_batchnorm(AugmentedThroughInPlaceResult(sibling)).double().eval()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    fused = reparam.fuse(model)
+    assert "iadd" in {str(getattr(n.target, "__name__", n.target)) for n in fused.graph.nodes}  # kept in place
+    assert_same_function(model, fused, x)
+    exported = reparam.fuse_exported(torch.export.export(model, (x,)))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
