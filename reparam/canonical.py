@@ -10,6 +10,9 @@ fusion (its metadata, the propagated shapes included, kept):
     aten.div.Tensor(a, b)      -> a / b        (no rounding mode; also .Scalar)
     aten.permute.default(x, d) -> torch.permute(x, d)
     aten.cat.default(xs, dim)  -> torch.cat(xs, dim)
+    aten.flatten.using_ints(x, a, b) -> torch.flatten(x, a, b)
+    aten.split.Tensor(x, n, dim), aten.split_with_sizes.default(x, ns, dim) -> torch.split(x, n or ns, dim)
+    aten.reshape_as.default(x, y), aten.view_as.default(x, y) -> x.reshape_as(y), x.view_as(y)
     aten.pad.default(x, p, mode, value), aten.constant_pad_nd.default(x, p, value)
                                -> F.pad(x, p, mode, value)
     aten.slice.Tensor(x, d, a, b) (consecutive ones merged)
@@ -21,6 +24,8 @@ fusion (its metadata, the propagated shapes included, kept):
                                   around it of a rank > 2 input: the linear of that input)
     aten.linear.default(x, w, b), w and b the tensors of one layer read nowhere else
                                -> that layer as an `nn.Linear` holding w and b, called on x
+    aten.batch_norm.default(x, w, b, mean, var, False, ...), likewise
+                               -> that layer as an eval `nn.BatchNorm1d/2d/3d` (x's rank)
 
 Then every rule written over those spellings applies to exported programs too: the constants
 after a Linear of any rank (`linear_constants`), a Linear between permutes (`channels_last`),
@@ -44,6 +49,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .context import attribute, free_name
+from .layers import AnyRankBatchNorm
 
 aten = torch.ops.aten
 
@@ -53,7 +59,14 @@ _ARITHMETIC: dict[Any, Any] = {
     **{getattr(aten.mul, overload): operator.mul for overload in ("Tensor", "Scalar")},
     **{getattr(aten.div, overload): operator.truediv for overload in ("Tensor", "Scalar")},
 }
-_RENAMED: dict[Any, Any] = {aten.permute.default: torch.permute, aten.cat.default: torch.cat}
+_RENAMED: dict[Any, Any] = {
+    aten.permute.default: torch.permute,
+    aten.cat.default: torch.cat,
+    aten.flatten.using_ints: torch.flatten,
+    aten.split.Tensor: torch.split,
+    aten.split_with_sizes.default: torch.split,
+}
+_METHODS = {aten.reshape_as.default: "reshape_as", aten.view_as.default: "view_as"}
 _MATMULS = (aten.addmm.default, aten.mm.default)  # a decomposed linear
 
 
@@ -68,6 +81,8 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
                 node.target, node.kwargs = _ARITHMETIC[node.target], {}
         elif node.target in _RENAMED:
             node.target = _RENAMED[node.target]
+        elif node.target in _METHODS:
+            node.op, node.target = "call_method", _METHODS[node.target]
         elif node.target in (aten.pad.default, aten.constant_pad_nd.default):
             _as_pad(node)
         elif node.target is aten.slice.Tensor:
@@ -78,6 +93,8 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
             _scatter_as_setitem(gm, node)
         elif node.target is aten.linear.default or (node.target in _MATMULS and _as_linear(gm, node)):
             _as_linear_layer(gm, node, reads)
+        elif node.target is aten.batch_norm.default:
+            _as_batch_norm_layer(gm, node, reads)
         elif node.target is aten.view.default:
             _linear_of_any_rank(gm, node)
 
@@ -251,43 +268,84 @@ def _same_shape(a: Node, b: Node) -> bool:
 
 
 def _as_linear_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
-    """`aten.linear(x, w, b)` as a call of an `nn.Linear` holding w and b, where nothing else reads them.
-
-    Where w and b are all a module holds (an unlifted program keeps each layer's tensors in a module
-    of its path), the Linear takes that module's place; else it is added, named after w, and w and
-    b move into it.
-    """
+    """`aten.linear(x, w, b)` as a call of an `nn.Linear` holding w and b, where nothing else reads them."""
     x, weight, bias = (*node.args, None)[:3]
-    tensors = [t for t in (weight, bias) if t is not None]
-    if node.kwargs or not all(_read_only_by(t, node, reads) for t in tensors):
+    tensors = {"weight": weight, **({"bias": bias} if bias is not None else {})}
+    values = _stored(gm, node, tensors, reads)
+    if values is None or values["weight"].dim() != 2 or not all(isinstance(v, nn.Parameter) for v in values.values()):
         return
-    values = [attribute(gm, t) for t in tensors]
-    if not all(isinstance(v, nn.Parameter) for v in values) or values[0].dim() != 2:
-        return
-    if bias is not None and tuple(values[1].shape) != (values[0].shape[0],):
+    w = values["weight"]
+    if bias is not None and tuple(values["bias"].shape) != (w.shape[0],):
         return  # a bias that broadcasts: no nn.Linear holds it
-    linear = nn.Linear(values[0].shape[1], values[0].shape[0], bias=bias is not None, device="meta")
-    linear.weight, linear.bias = values[0], values[1] if bias is not None else None
-    owners = {str(t.target).rpartition(".")[0] for t in tensors}
-    path = owners.pop()
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    linear.weight, linear.bias = w, values.get("bias")
+    _call_instead(gm, node, x, tensors, linear)
+
+
+_BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _as_batch_norm_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
+    """`aten.batch_norm(x, w, b, mean, var, training=False, momentum, eps, ...)` as a call of the eval-mode
+    BatchNorm holding those tensors (of x's rank: `BatchNorm1d/2d/3d`, else `AnyRankBatchNorm`), where
+    nothing else reads them. A BN with batch statistics is left to its rule, which says why it stays."""
+    x, weight, bias, mean, var, training, momentum, eps = (*node.args, *[None] * 8)[:8]
+    if node.kwargs or training is not False or mean is None or var is None:
+        return
+    tensors = {"running_mean": mean, "running_var": var}
+    tensors |= {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
+    values = _stored(gm, node, tensors, reads)
+    if values is None or (weight is None) != (bias is None):
+        return
+    value = x.meta.get("val") if isinstance(x, Node) else None
+    kind = _BATCH_NORMS.get(value.dim(), AnyRankBatchNorm) if isinstance(value, torch.Tensor) else AnyRankBatchNorm
+    bn = kind(values["running_mean"].shape[0], eps=eps, momentum=momentum, affine=weight is not None, device="meta")
+    for name, tensor in values.items():
+        setattr(bn, name, tensor)
+    bn.num_batches_tracked = torch.zeros((), dtype=torch.long, device=values["running_mean"].device)
+    _call_instead(gm, node, x, tensors, bn.eval(), unread=("num_batches_tracked",))
+
+
+def _stored(gm: GraphModule, node: Node, tensors: dict[str, Node], reads: Counter) -> dict[str, Any] | None:
+    """The model's tensors `tensors` stand for, where each is a `get_attr` that `node` alone reads."""
+    if not all(_read_only_by(t, node, reads) for t in tensors.values()):
+        return None
+    return {name: attribute(gm, t) for name, t in tensors.items()}
+
+
+def _call_instead(
+    gm: GraphModule, node: Node, x: Any, tensors: dict[str, Node], layer: nn.Module, unread: tuple[str, ...] = ()
+) -> None:
+    """Call `layer`, which holds the tensors `tensors` read (by the names they have in it), on x in place of `node`.
+
+    Where those tensors are all a module holds (an unlifted program keeps each layer's tensors in a
+    module of its path), besides state the graph never reads (`unread`, taken over), the layer
+    takes that module's place; else it is added, named after the first tensor, which move into it.
+    """
+    paths = {name: str(t.target).rpartition(".") for name, t in tensors.items()}
+    owners = {owner for owner, _, _ in paths.values()}
+    path = next(iter(owners))
     owner = gm.get_submodule(path)
-    names = {str(t.target).rpartition(".")[2] for t in tensors}
     state = set(owner._parameters) | set(owner._buffers) | set(owner._modules)
-    if path and not owners and names == {"weight", "bias"} & state == state and not vars(owner).get("forward"):
+    own_names = all(name == leaf for name, (_, _, leaf) in paths.items())
+    if path and len(owners) == 1 and own_names and state - set(unread) == set(tensors) and "forward" not in vars(owner):
+        for name in set(unread) & state:
+            setattr(layer, name, getattr(owner, name))
         parent, _, name = path.rpartition(".")
-        setattr(gm.get_submodule(parent), name, linear)  # the layer's own module, now a Linear
+        setattr(gm.get_submodule(parent), name, layer)  # the layer's own module, now the layer
     else:
-        for tensor in tensors:
-            owner_path, _, name = str(tensor.target).rpartition(".")
+        for owner_path, _, name in paths.values():
             delattr(gm.get_submodule(owner_path), name)
-        path = free_name(gm, re.sub(r"[._]?weight$", "", str(weight.target)).replace(".", "_") or "linear")
-        gm.add_submodule(path, linear)
+        first = str(next(iter(tensors.values())).target)
+        base = re.sub(r"[._]?(weight|running_mean)$", "", first).replace(".", "_")
+        path = free_name(gm, base or type(layer).__name__.lower())
+        gm.add_submodule(path, layer)
     with gm.graph.inserting_before(node):
         call = gm.graph.call_module(path, (x,))
     call.meta = node.meta
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
-    for tensor in tensors:
+    for tensor in tensors.values():
         gm.graph.erase_node(tensor)
 
 

@@ -73,6 +73,10 @@ class Context:
         """Whether some rule anchors on `node` (so that it may be folded into a region)."""
         return bool(self._index.get(self.anchor(node)))
 
+    def rules_of(self, node: Node) -> tuple[Rule, ...]:
+        """The rules anchored on `node`, in the order they are tried."""
+        return tuple(self._index.get(self.anchor(node), ()))
+
     def constant(self, value: Any) -> Any:
         """A call argument as a constant: tensors stored on the model, possibly reshaped, are fetched.
 

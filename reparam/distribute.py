@@ -15,13 +15,17 @@ absorbed and n layers never stand where one stood.
 
 from __future__ import annotations
 
+import operator
+
 from torch.fx import GraphModule, Node
 
 from .constants import erase_unused_constants
 from .context import CONCATENATIONS, Context, describe, free_name, substitute, trainable
 from .errors import FusionRefused
 from .kernel import Kernel
+from .patterns import State
 from .ranks import propagated
+from .rules import PatternRule
 
 
 def distribute_over_concat(gm: GraphModule, ctx: Context) -> int:
@@ -89,13 +93,26 @@ def _is_channel_cat(node: object, ctx: Context) -> bool:
 def _absorbs(part: Node, cat: Node, ctx: Context) -> bool:
     """Whether a layer applied to `part` folds into the node making it: a node rules anchor on, that may be
     folded (no hooks, not shared), read by the cat alone."""
-    if set(part.users) != {cat} or list(cat.args[0]).count(part) != 1 or not ctx.has_rules(part):
+    if set(part.users) != {cat} or list(cat.args[0]).count(part) != 1 or not _makes_a_layer(part, ctx):
         return False
     try:
         ctx.check_foldable(part)
     except FusionRefused:
         return False
     return True
+
+
+def _makes_a_layer(node: Node, ctx: Context) -> bool:
+    """Whether a rule anchored on `node` reads a layer there. A selection (`parts[i]`: a part of a split, or
+    the output of a decomposed BN) is one only where a rule's pattern matches it as it stands: a rule
+    anchored on every `getitem` says nothing of a split's part, which no layer made."""
+    rules = ctx.rules_of(node)
+    if node.target is not operator.getitem:
+        return bool(rules)
+    return any(
+        isinstance(rule, PatternRule) and next(iter(rule.pattern.matches(node, State(), ctx, None)), None) is not None
+        for rule in rules
+    )
 
 
 def _channels(node: Node, ctx: Context) -> int | None:

@@ -208,3 +208,34 @@ def test_a_rank_assert_on_the_concatenation_does_not_keep_the_bn_whole():
     assert len(report.fusions) == 3 and not report.unfused
     assert [n for n in fused.graph.nodes if n.target is torch._assert]  # the assert still checks
     assert_same_function(model, fused, torch.randn(2, 12, 5, 5, dtype=torch.float64))
+
+
+class InceptionDepthwise(nn.Module):
+    """timm's InceptionNeXt token mixer: the channels split, one part kept as is and the others each a
+    depthwise conv (square, 1xK, Kx1), concatenated, then a BN and the MLP's 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.w, self.h = (
+            nn.Conv2d(4, 4, (1, 5), padding=(0, 2), groups=4),
+            nn.Conv2d(4, 4, (5, 1), padding=(2, 0), groups=4),
+        )
+        self.norm, self.fc = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x_id, x_hw, x_w, x_h = torch.split(x, [4, 4, 4, 4], dim=1)
+        return self.fc(self.norm(torch.cat((x_id, self.hw(x_hw), self.w(x_w), self.h(x_h)), dim=1)))
+
+
+def test_a_bn_after_a_concatenation_with_a_part_no_layer_made_folds_into_the_conv_after_it():
+    """The kept part is a split's output: no layer there takes a slice of the BN, so it is not distributed,
+    also where shapes are known (they give the part's channels), and folds whole into the 1x1 conv."""
+    model = randomize_batchnorm(InceptionDepthwise()).double().eval()
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64)
+    for fused in (reparam.fuse(model), reparam.fuse(model, example_inputs=(x,))):
+        assert (convs(fused), batchnorms(fused)) == (4, 0)
+        assert_same_function(model, fused, x)
+    exported = reparam.fuse_exported(torch.export.export(model, (x,)))
+    names = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert names.count("aten.conv2d.default") == 4 and not any("batch_norm" in name for name in names)
