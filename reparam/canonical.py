@@ -24,7 +24,8 @@ fusion (its metadata, the propagated shapes included, kept):
                                   around it of a rank > 2 input: the linear of that input)
     aten.linear.default(x, w, b), w and b the tensors of one layer read nowhere else
                                -> that layer as an `nn.Linear` holding w and b, called on x
-    aten.batch_norm.default(x, w, b, mean, var, False, ...), likewise
+    aten.batch_norm.default(x, w, b, mean, var, False, ...), likewise (and the decomposed
+    _native_batch_norm_legit_no_training(x, w, b, mean, var, ...)[0])
                                -> that layer as an eval `nn.BatchNorm1d/2d/3d` (x's rank)
 
 Then every rule written over those spellings applies to exported programs too: the constants
@@ -93,7 +94,9 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
             _scatter_as_setitem(gm, node)
         elif node.target is aten.linear.default or (node.target in _MATMULS and _as_linear(gm, node)):
             _as_linear_layer(gm, node, reads)
-        elif node.target is aten.batch_norm.default:
+        elif node.target is aten.bmm.default:
+            _batched_as_linear(gm, node)
+        elif node.target is aten.batch_norm.default or _is_native_batch_norm_output(node):
             _as_batch_norm_layer(gm, node, reads)
         elif node.target is aten.view.default:
             _linear_of_any_rank(gm, node)
@@ -116,6 +119,28 @@ def _as_linear(gm: GraphModule, node: Node) -> bool:
     return True
 
 
+def _batched_as_linear(gm: GraphModule, node: Node) -> None:
+    """`bmm(a, view(expand(permute(w, [1, 0]), [n, c, o]), [n, c, o]))`, how decomposition writes a linear of
+    a batch of matrices (a Linear on a rank-4 or non-contiguous input), as the `aten.linear(a, w)` it is:
+    every matrix of the batch times the same w^T. The views around it are then read by `_linear_of_any_rank`."""
+    a, b = node.args
+    expand = b.args[0] if isinstance(b, Node) and b.target is aten.view.default else b
+    if not isinstance(expand, Node) or expand.target is not aten.expand.default or not _same_shape(expand, b):
+        return
+    transposed = expand.args[0]
+    if not isinstance(transposed, Node) or transposed.target is not torch.permute or transposed.args[1:] != ([1, 0],):
+        return
+    weight = transposed.args[0]
+    if (
+        not isinstance(weight, Node)
+        or weight.op != "get_attr"
+        or any(len(n.users) != 1 for n in (b, expand, transposed))
+    ):
+        return
+    node.target, node.args = aten.linear.default, (a, weight)
+    _erase_if_unread(gm, b)
+
+
 def _linear_of_any_rank(gm: GraphModule, node: Node) -> None:
     """`view(linear(view(x, [n, c])), [*lead, o])`, a decomposed `linear` of a rank > 2 input (lead its
     leading dims, n their product), as the `linear(x)` it was."""
@@ -125,19 +150,31 @@ def _linear_of_any_rank(gm: GraphModule, node: Node) -> None:
     flattened = linear.args[0]
     if not isinstance(flattened, Node) or flattened.target is not aten.view.default or len(flattened.users) != 1:
         return
-    x = flattened.args[0]
+    x = _without_copies(flattened.args[0])
     shapes = [n.meta.get("val") for n in (x, flattened, linear, node)]
     if not all(isinstance(v, torch.Tensor) for v in shapes):
         return
     x_shape, flat, out, unflat = (tuple(v.shape) for v in shapes)
-    if len(flat) != 2 or flat[1] != x_shape[-1] or unflat[:-1] != x_shape[:-1] or unflat[-1] != out[-1]:
-        return
+    if flat[-1] != x_shape[-1] or unflat[:-1] != x_shape[:-1] or unflat[-1] != out[-1]:
+        return  # the views must only merge, then split back, the dims before the features
     linear.args = (x, *linear.args[1:])
     linear.meta["val"] = node.meta["val"]
     linear.meta.pop("tensor_meta", None)
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
-    gm.graph.erase_node(flattened)
+    _erase_if_unread(gm, flattened)
+
+
+def _without_copies(value: Any) -> Any:
+    """`value` without the copies decomposition makes before a view (`clone(expand(x, x's shape))`: x's values)."""
+    while isinstance(value, Node) and len(value.users) == 1:
+        if value.target is aten.clone.default or (
+            value.target is aten.expand.default and _same_shape(value, value.args[0])
+        ):
+            value = value.args[0]
+        else:
+            break
+    return value
 
 
 def _is_linear_call(gm: GraphModule, node: Node) -> bool:
@@ -286,15 +323,24 @@ _BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.B
 
 
 def _as_batch_norm_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
-    """`aten.batch_norm(x, w, b, mean, var, training=False, momentum, eps, ...)` as a call of the eval-mode
+    """`aten.batch_norm(x, w, b, mean, var, training=False, momentum, eps, ...)`, and the decomposed
+    `_native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)[0]`, as a call of the eval-mode
     BatchNorm holding those tensors (of x's rank: `BatchNorm1d/2d/3d`, else `AnyRankBatchNorm`), where
     nothing else reads them. A BN with batch statistics is left to its rule, which says why it stays."""
-    x, weight, bias, mean, var, training, momentum, eps = (*node.args, *[None] * 8)[:8]
-    if node.kwargs or training is not False or mean is None or var is None:
+    if node.target is operator.getitem:  # output 0 of a decomposed BN that nothing else reads
+        native = node.args[0]
+        if node.args[1] != 0 or native.kwargs or set(native.users) != {node}:
+            return
+        x, weight, bias, mean, var, momentum, eps = native.args
+        training = False
+    else:
+        native = node
+        x, weight, bias, mean, var, training, momentum, eps = (*node.args, *[None] * 8)[:8]
+    if native.kwargs or training is not False or mean is None or var is None:
         return
     tensors = {"running_mean": mean, "running_var": var}
     tensors |= {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
-    values = _stored(gm, node, tensors, reads)
+    values = _stored(gm, native, tensors, reads)
     if values is None or (weight is None) != (bias is None):
         return
     value = x.meta.get("val") if isinstance(x, Node) else None
@@ -303,7 +349,12 @@ def _as_batch_norm_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
     for name, tensor in values.items():
         setattr(bn, name, tensor)
     bn.num_batches_tracked = torch.zeros((), dtype=torch.long, device=values["running_mean"].device)
-    _call_instead(gm, node, x, tensors, bn.eval(), unread=("num_batches_tracked",))
+    _call_instead(gm, node, x, tensors, bn.eval(), unread=("num_batches_tracked",), reader=native)
+
+
+def _is_native_batch_norm_output(node: Node) -> bool:
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, Node) and source.target is aten._native_batch_norm_legit_no_training.default
 
 
 def _stored(gm: GraphModule, node: Node, tensors: dict[str, Node], reads: Counter) -> dict[str, Any] | None:
@@ -314,9 +365,16 @@ def _stored(gm: GraphModule, node: Node, tensors: dict[str, Node], reads: Counte
 
 
 def _call_instead(
-    gm: GraphModule, node: Node, x: Any, tensors: dict[str, Node], layer: nn.Module, unread: tuple[str, ...] = ()
+    gm: GraphModule,
+    node: Node,
+    x: Any,
+    tensors: dict[str, Node],
+    layer: nn.Module,
+    unread: tuple[str, ...] = (),
+    reader: Node | None = None,
 ) -> None:
-    """Call `layer`, which holds the tensors `tensors` read (by the names they have in it), on x in place of `node`.
+    """Call `layer`, which holds the tensors `tensors` read (by the names they have in it), on x in place of
+    `node`, and of `reader`, the node reading them where that is another (a decomposed BN under its getitem).
 
     Where those tensors are all a module holds (an unlifted program keeps each layer's tensors in a
     module of its path), besides state the graph never reads (`unread`, taken over), the layer
@@ -345,6 +403,8 @@ def _call_instead(
     call.meta = node.meta
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
+    if reader is not None and reader is not node:
+        gm.graph.erase_node(reader)
     for tensor in tensors.values():
         gm.graph.erase_node(tensor)
 

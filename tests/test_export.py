@@ -22,7 +22,7 @@ import reparam
 from reparam.blocks import ACBlock, RepVGG, RepVGGBlock, conv_bn, randomize_batchnorm
 from reparam.export import unexported
 from reparam.mutation import is_view, mutated_input
-from tests.models.test_authors_style import UniRepLKNetBlock, ViTMlpBlock
+from tests.models.test_authors_style import LeViTStyle, UniRepLKNetBlock, ViTMlpBlock
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
@@ -467,14 +467,17 @@ def test_aten_in_place_ops_and_views_are_read_from_their_schemas() -> None:
     assert mutated_input(relu, {}) is viewed and mutated_input(added, {}) is None
 
 
-_LINEAR_OPS = (
-    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default, aten.batch_norm.default,
-    aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.cat.default, aten.permute.default,
-)  # fmt: skip
+_LINEAR_OPS = {  # what each linear op is, in either program form
+    **dict.fromkeys((aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default), "conv"),
+    **dict.fromkeys((aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default), "matmul"),
+    **dict.fromkeys((aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default), "batch_norm"),
+    **{op: str(op) for op in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor)},
+    **{op: str(op) for op in (aten.cat.default, aten.permute.default)},
+}
 
 
 def _linear_ops(ep: torch.export.ExportedProgram) -> Counter:
-    return Counter(str(n.target) for n in ep.graph.nodes if n.target in _LINEAR_OPS)
+    return Counter(_LINEAR_OPS[n.target] for n in ep.graph.nodes if n.target in _LINEAR_OPS)
 
 
 def _authors_blocks() -> list:
@@ -482,7 +485,6 @@ def _authors_blocks() -> list:
         ConvNeXtBlock,
         FacebookConvNeXtBlock,
         LeViTMlp,
-        LeViTStyle,
         RepMixer,
         UniRepLKNetBlock,
         ViTMlpBlock,
@@ -505,13 +507,20 @@ def _authors_blocks() -> list:
     ]
 
 
+@pytest.mark.parametrize("decomposed", [False, True], ids=["training IR", "decomposed"])
 @pytest.mark.parametrize(("build", "shape"), _authors_blocks())
-def test_fuse_exported_leaves_no_more_linear_ops_than_fuse(build, shape) -> None:
+def test_fuse_exported_leaves_no_more_linear_ops_than_fuse(build, shape, decomposed, request) -> None:
     """Parity of the front ends: fuse_exported(export(m)) against export(fuse(m)), op by op."""
+    if decomposed and build is LeViTStyle:
+        reason = "decomposed, LeViT's flatten and reshape_as around its BatchNorm1d are views, which token_linear_bn does not read"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     model = randomize_batchnorm(build()).double().eval()
     x = torch.randn(*shape, dtype=torch.float64)
     through_fx = torch.export.export(reparam.fuse(model), (x,))
-    fused = reparam.fuse_exported(torch.export.export(model, (x,)))
+    program = torch.export.export(model, (x,))
+    if decomposed:
+        program, through_fx = program.run_decompositions(), through_fx.run_decompositions()
+    fused = reparam.fuse_exported(program)
     assert _linear_ops(fused) <= _linear_ops(through_fx), (_linear_ops(fused), _linear_ops(through_fx))
     with torch.no_grad():
         assert relative_error(fused.module()(x), model(x)) < 1e-12
