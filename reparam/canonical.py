@@ -51,6 +51,7 @@ from torch.fx import GraphModule, Node
 
 from .context import attribute, free_name
 from .layers import AnyRankBatchNorm
+from .mutation import is_view
 
 aten = torch.ops.aten
 
@@ -270,6 +271,8 @@ def _scatter_as_setitem(gm: GraphModule, node: Node) -> None:
     writes = [u for u in base.users if u.target is operator.setitem and u.args[0] is base]
     if set(base.users) != {target, node, *writes} or source.kwargs or node.kwargs:
         return
+    if base.op not in ("call_function", "call_method", "call_module") or is_view(base):
+        return  # an input, a stored tensor or a view of one: writing it in place would change it for its owner
     with gm.graph.inserting_before(node):
         gm.graph.call_function(operator.setitem, (base, index, _assigned(source.args[1], target)))
     node.replace_all_uses_with(base)

@@ -8,16 +8,18 @@ in-place ops on earlier values (`relu_`, `add_`, `mul_`, `nn.ReLU(inplace=True)`
 called twice, and forward hooks that change a layer's output. Operands are the latest value or
 any earlier one, so there are chains as well as values with several users. The fused model
 must compute what the eager model computes, in float64, on several input sizes down to 1x1,
-whatever `fuse` decided.
+whatever `fuse` decided; exported with torch.export (either program form), `fuse_exported`'s
+program must compute what the exported one does.
 
 Profiles: the suite's "ci" profile runs 60 examples (about a minute), "dev" 40;
-`HYPOTHESIS_PROFILE=thorough pytest tests/test_fuzz.py` runs 1,000.
+`HYPOTHESIS_PROFILE=thorough pytest tests/test_fuzz.py` runs 1,000 (a third of each through
+torch.export, which is the slow part).
 """
 
 from __future__ import annotations
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -134,3 +136,18 @@ def test_the_fused_model_computes_what_the_eager_model_computes(model, seed, wit
             expected, actual = model(*cloned((x,))), fused(*cloned((x,)))
         scale = expected.abs().max().clamp_min(1e-30)
         assert ((actual - expected).abs().max() / scale).item() <= 1e-9, f"input size {size}"
+
+
+@settings(max_examples=max(10, settings().max_examples // 3))  # each example exports twice: the slow part
+@given(programs(), st.integers(0, 2**16), st.booleans())
+def test_the_fused_program_computes_what_the_exported_program_computes(model, seed, decomposed):
+    """The same programs through torch.export and `fuse_exported`, in either program form: the aten
+    front end reads their in-place ops, aliases and arithmetic as the torch.fx one does."""
+    x = inputs(SIZES[-1], seed)
+    program = torch.export.export(model, cloned((x,)))
+    program = program.run_decompositions() if decomposed else program
+    fused = reparam.fuse_exported(program)
+    with torch.no_grad():
+        expected, actual = program.module()(*cloned((x,))), fused.module()(*cloned((x,)))
+    scale = expected.abs().max().clamp_min(1e-30)
+    assert ((actual - expected).abs().max() / scale).item() <= 1e-9
