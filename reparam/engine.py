@@ -117,22 +117,24 @@ class Engine:
         for index in range(_MAX_PASSES):
             modules = dict(gm.named_modules())
             replaced, replace_refusals = self._replace(gm, modules)
-            deleted = _delete_unused_submodules(gm)
-            for new, rule in replaced:
-                report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
-            if deleted or replaced:
+            if replaced:  # the modules it replaced are called no more
+                _delete_unused_submodules(gm)
+                for new, rule in replaced:
+                    report.replacements.append(Replacement(_rename(gm, new), new.sources, rule))
                 modules = dict(gm.named_modules())
             lower_border_writes(gm)
             rewrites = Context(gm, self._index, modules)
             fold_constants(gm, rewrites)  # adds tensors, not modules
             hoist_metadata_reads(gm, rewrites)
-            distribute_over_concat(gm, rewrites)  # adds its layers to `modules`, which the Context holds
-            raised.update(raise_linears(gm, rewrites))  # as does this
+            distributed = distribute_over_concat(gm, rewrites)  # adds its layers to `modules`, which the Context holds
+            raised_now = raise_linears(gm, rewrites)  # as does this
+            raised.update(raised_now)
             ctx = self._annotate(gm, modules)
             # read off the graph as annotated: materializing replaces the nodes the regions name
             plumbing = unread_plumbing(ctx.regions, ctx.barriers, ctx.refusals) if index == 0 else []
             fused = self._materialize(gm, ctx, report.timings)
-            _delete_unused_submodules(gm)
+            if fused or distributed or raised_now:  # each leaves layers no node calls
+                _delete_unused_submodules(gm)
             for new, region in fused:
                 module = _rename(gm, new)
                 report.fusions.append(_fusion(module, new, region))

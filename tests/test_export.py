@@ -512,7 +512,7 @@ def _authors_blocks() -> list:
 def test_fuse_exported_leaves_no_more_linear_ops_than_fuse(build, shape, decomposed, request) -> None:
     """Parity of the front ends: fuse_exported(export(m)) against export(fuse(m)), op by op."""
     if decomposed and build is LeViTStyle:
-        reason = "decomposed, LeViT's flatten and reshape_as around its BatchNorm1d are views, which token_linear_bn does not read"
+        reason = "decomposed, LeViT's flatten and reshape_as around its BatchNorm1d are views, not read as them"
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     model = randomize_batchnorm(build()).double().eval()
     x = torch.randn(*shape, dtype=torch.float64)
