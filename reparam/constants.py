@@ -42,12 +42,14 @@ _PREFIX = "_reparam_constant_"
 def fold_constants(gm: GraphModule, ctx: Context) -> int:
     """Replace each foldable computed constant of `gm` by a stored tensor; return how many were stored."""
     modules = ctx.modules
-    mutations = Mutations(gm, modules)
+    mutated: set[str] | None = None  # the tensors forward writes to, found when the first tensor is read
     constant: set[Node] = set()
     computed: set[Node] = set()  # constants that are more than a tensor of the model, reshaped
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            if str(node.target) not in mutations.mutated_attributes:
+            if mutated is None:
+                mutated = Mutations(gm, modules).mutated_attributes
+            if str(node.target) not in mutated:
                 constant.add(node)
             continue
         inputs = node.all_input_nodes
