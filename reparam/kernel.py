@@ -18,10 +18,13 @@ with a `Reason`. Weights are held in float64; `to_module` casts back to the orig
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -601,14 +604,15 @@ class Kernel:
         if any(p < 0 for p in self.padding):
             raise ValueError(f"no layer has the negative padding {self.padding} (a crop); see `split_crop`")
         if self.spatial_dims == 0:
-            conv = nn.Linear(self.in_channels, self.out_channels, device="meta")
+            conv = _new_layer(nn.Linear, self.in_channels, self.out_channels)
         elif self.transposed:
             # PyTorch wants output_padding < max(stride, dilation); a size-1 dim's dilation is free to satisfy it
             dilation = tuple(
                 d if k > 1 or op < max(s, d) else op + 1
                 for k, d, s, op in zip(self.kernel_size, self.dilation, self.stride, self.output_padding)
             )
-            conv = _TRANSPOSED_CLASSES[self.spatial_dims](
+            conv = _new_layer(
+                _TRANSPOSED_CLASSES[self.spatial_dims],
                 self.in_channels,
                 self.out_channels,
                 self.kernel_size,
@@ -617,10 +621,10 @@ class Kernel:
                 output_padding=self.output_padding,
                 groups=self.groups,
                 dilation=dilation,
-                device="meta",
             )
         else:
-            conv = _CONV_CLASSES[self.spatial_dims](
+            conv = _new_layer(
+                _CONV_CLASSES[self.spatial_dims],
                 self.in_channels,
                 self.out_channels,
                 self.kernel_size,
@@ -629,7 +633,6 @@ class Kernel:
                 dilation=self.dilation,
                 groups=self.groups,
                 padding_mode=self.padding_mode,
-                device="meta",
             )
         weight = self.regrouped(1).weight if self.spatial_dims == 0 else self.weight  # a Linear is dense
         conv.weight = nn.Parameter(self._fresh(weight))
@@ -663,6 +666,17 @@ class Kernel:
 
 
 _CONV_MODE = {"constant": "zeros"}  # F.pad's name for zero padding, and nn.Conv's
+
+
+def _new_layer(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """A new `cls(*args, **kwargs)` on the meta device, for its tensors to be set: a copy of one made before
+    with the same arguments (a constructor initialises its weights, which takes longer even on meta)."""
+    return copy.deepcopy(_prototype(cls, *args, **kwargs))
+
+
+@functools.lru_cache(maxsize=256)
+def _prototype(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    return cls(*args, device="meta", **kwargs)
 
 
 def concatenated(kernels: list[Kernel]) -> Kernel:
