@@ -18,7 +18,6 @@ with a `Reason`. Weights are held in float64; `to_module` casts back to the orig
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from .errors import FusionRefused, Reason
 from .layers import AnyRankBatchNorm
+from .module_copy import copy_module
 
 _CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_CLASSES: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -669,14 +669,16 @@ _CONV_MODE = {"constant": "zeros"}  # F.pad's name for zero padding, and nn.Conv
 
 
 def _new_layer(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
-    """A new `cls(*args, **kwargs)` on the meta device, for its tensors to be set: a copy of one made before
-    with the same arguments (a constructor initialises its weights, which takes longer even on meta)."""
-    return copy.deepcopy(_prototype(cls, *args, **kwargs))
+    """A new `cls(*args, **kwargs)` without its `weight` and `bias`, for them to be set: a copy of one made
+    before with the same arguments (a constructor initialises its weights, which takes longer even on meta)."""
+    return copy_module(_prototype(cls, *args, **kwargs))
 
 
 @functools.lru_cache(maxsize=256)
 def _prototype(cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
-    return cls(*args, device="meta", **kwargs)
+    layer = cls(*args, device="meta", **kwargs)
+    layer.weight = layer.bias = None  # plain values only: copied without deepcopy's memo walk
+    return layer
 
 
 def concatenated(kernels: list[Kernel]) -> Kernel:

@@ -23,6 +23,7 @@ from torch._utils import _flatten_dense_tensors
 from torch.fx import GraphModule
 
 from .context import own_tensors
+from .module_copy import copy_module
 
 _KEY = "reparam_shared"
 
@@ -43,7 +44,9 @@ class _Shared:
         self.memo: dict[int, Any] = _detached(plain)
 
     def copied(self, value: Any) -> Any:
-        return copy.deepcopy(value, self.memo) if id(value) in self.ids else value
+        if id(value) not in self.ids:
+            return value
+        return copy_module(value, self.memo) if isinstance(value, nn.Module) else copy.deepcopy(value, self.memo)
 
 
 def deep_copy(value: Any) -> Any:

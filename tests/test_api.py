@@ -11,6 +11,7 @@ from torch import nn
 import reparam
 from reparam import LinearLayer
 from reparam.blocks import RepVGGBlock, randomize_batchnorm
+from reparam.module_copy import copy_module
 from tests.helpers import assert_same_function, convs
 
 
@@ -57,6 +58,34 @@ def test_what_the_fused_model_keeps_of_the_callers_layers_is_a_copy():
     with torch.no_grad():
         fused.get_submodule(str(called_twice.target)).weight.zero_()
     assert model.shared.weight.abs().sum() > 0
+
+
+class ConvWithAHook(nn.Conv2d):
+    """A layer whose state is not plain (a hook): copied by copy.deepcopy."""
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.ReLU(inplace=True), nn.Conv2d(2, 4, 3, padding=(1, 2), padding_mode="reflect"), nn.Hardtanh(-2.0, 3.0)],
+    ids=["relu", "conv", "hardtanh"],
+)
+def test_a_layers_copy_is_what_deepcopy_makes_and_shares_no_container(layer):
+    hooked = ConvWithAHook(2, 2, 1)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    for original in (layer, hooked):
+        duplicate, reference = copy_module(original), copy.deepcopy(original)
+        assert type(duplicate) is type(original)
+        assert duplicate.__dict__.keys() == reference.__dict__.keys()
+        for name, value in original.__dict__.items():
+            mine = duplicate.__dict__[name]
+            assert type(mine) is type(value)
+            if isinstance(value, (dict, list, set)):
+                assert mine is not value, name  # a hook added to the copy must not reach the original
+            if not any(isinstance(v, torch.Tensor) or callable(v) for v in getattr(value, "values", lambda: [])()):
+                assert mine == reference.__dict__[name], name
+    assert len(copy_module(hooked)._forward_hooks) == 1
+    memo: dict = {}
+    assert copy_module(layer, memo) is copy_module(layer, memo)  # one memo: one copy
 
 
 class ReadsALayersWeight(nn.Module):
