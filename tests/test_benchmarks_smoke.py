@@ -103,7 +103,9 @@ def test_fuse_time_quick_run_writes_every_table(tmp_path):
     assert "fuse / timm" in timm or "Not measured here: timm does not import" in timm
     assert [row[0] for row in _rows(text, "## A long linear chain")] == ["25", "50", "100"]
     assert [row[0] for row in _rows(text, "## RepVGG blocks")] == ["2", "4"]
-    assert all(float(row[4]) >= float(row[3]) > 0 for row in _rows(text, "## RepVGG blocks"))  # peak RSS only grows
+    for row in _rows(text, "## RepVGG blocks"):
+        assert float(row[6]) >= float(row[5]) > 0  # peak RSS only grows
+        assert float(row[2]) > 0 and float(row[3]) >= 0  # the fuse's CPU time, user and system
 
 
 def test_a_linear_chain_fuses_to_one_conv():
