@@ -220,10 +220,9 @@ def block_growth(sizes: Sequence[int], log: Callable[[str], None]) -> list[str]:
         "## RepVGG blocks",
         "",
         "`nn.Sequential` of N `RepVGGBlock(8, 8)` (3x3, 1x1 and identity branches), each size fused once in a "
-        "fresh interpreter. The CPU time that process spent during `fuse`: on a virtual machine, system time "
-        "grows where the host backs memory the guest had not touched lately (0.3 s for 5,000 blocks in a run "
-        "of such processes, over 1.5 s after other work). Peak RSS of that process before and after `fuse` "
-        "(the model and torch included).",
+        "fresh interpreter, with the user and system CPU time of that process during `fuse` (on a virtual "
+        "machine, system time swings with what ran before: 0.3 to 1.6 s at 5,000 blocks here). Peak RSS of "
+        "that process before and after `fuse` (the model and torch included).",
         "",
         *_table(header, rows),
         *_table(["N → 2N", "t(2N) / t(N)"], _doublings(times)),
