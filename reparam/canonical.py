@@ -13,13 +13,17 @@ fusion (its metadata, the propagated shapes included, kept):
     aten.flatten.using_ints(x, a, b) -> torch.flatten(x, a, b)
     aten.split.Tensor(x, n, dim), aten.split_with_sizes.default(x, ns, dim) -> torch.split(x, n or ns, dim)
     aten.reshape_as.default(x, y), aten.view_as.default(x, y) -> x.reshape_as(y), x.view_as(y)
+    aten.view.default(bn(aten.view.default(y, [n, c])), y's shape), bn a BatchNorm layer
+                               -> bn(torch.flatten(y, 0, -2)).reshape_as(y)   (n the product of y's
+                                  leading dims: a BatchNorm1d on a token tensor's rows, decomposed)
     aten.pad.default(x, p, mode, value), aten.constant_pad_nd.default(x, p, value)
                                -> F.pad(x, p, mode, value)
     aten.slice.Tensor(x, d, a, b) (consecutive ones merged)
                                -> x[:, ..., a:b]                     (d whole slices first)
     aten.copy_.default(x[i], v), aten.fill_.Scalar(x[i], v), x[i] read by nothing else
                                -> x[i] = v          (an expand of v to x[i]'s shape left out)
-    aten.addmm.default(b, x, permute(w, [1, 0])), aten.mm.default(x, permute(w, [1, 0]))
+    aten.addmm.default(b, x, permute(w, [1, 0])), aten.mm.default(x, permute(w, [1, 0])),
+    aten.bmm.default(x, view(expand(permute(w, [1, 0]))))
                                -> aten.linear.default(x, w, b)       (decomposed; with the views
                                   around it of a rank > 2 input: the linear of that input)
     aten.linear.default(x, w, b), w and b the tensors of one layer read nowhere else
@@ -39,6 +43,7 @@ dispatch to.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections import Counter
@@ -95,12 +100,12 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
             _scatter_as_setitem(gm, node)
         elif node.target is aten.linear.default or (node.target in _MATMULS and _as_linear(gm, node)):
             _as_linear_layer(gm, node, reads)
-        elif node.target is aten.bmm.default:
-            _batched_as_linear(gm, node)
+        elif node.target is aten.bmm.default and _batched_as_linear(gm, node):
+            _as_linear_layer(gm, node, reads)
         elif node.target is aten.batch_norm.default or _is_native_batch_norm_output(node):
             _as_batch_norm_layer(gm, node, reads)
-        elif node.target is aten.view.default:
-            _linear_of_any_rank(gm, node)
+        elif node.target is aten.view.default and not _linear_of_any_rank(gm, node):
+            _token_rows_restored(gm, node)
 
 
 def _as_linear(gm: GraphModule, node: Node) -> bool:
@@ -120,50 +125,74 @@ def _as_linear(gm: GraphModule, node: Node) -> bool:
     return True
 
 
-def _batched_as_linear(gm: GraphModule, node: Node) -> None:
+def _batched_as_linear(gm: GraphModule, node: Node) -> bool:
     """`bmm(a, view(expand(permute(w, [1, 0]), [n, c, o]), [n, c, o]))`, how decomposition writes a linear of
-    a batch of matrices (a Linear on a rank-4 or non-contiguous input), as the `aten.linear(a, w)` it is:
-    every matrix of the batch times the same w^T. The views around it are then read by `_linear_of_any_rank`."""
+    a batch of matrices (a Linear on a rank-4 or non-contiguous input), as the `aten.linear(a, w)` it is
+    (True): every matrix of the batch times the same w^T. The views around it are then read by
+    `_linear_of_any_rank`."""
     a, b = node.args
     expand = b.args[0] if isinstance(b, Node) and b.target is aten.view.default else b
     if not isinstance(expand, Node) or expand.target is not aten.expand.default or not _same_shape(expand, b):
-        return
+        return False
     transposed = expand.args[0]
     if not isinstance(transposed, Node) or transposed.target is not torch.permute or transposed.args[1:] != ([1, 0],):
-        return
+        return False
     weight = transposed.args[0]
     if (
         not isinstance(weight, Node)
         or weight.op != "get_attr"
         or any(len(n.users) != 1 for n in (b, expand, transposed))
     ):
-        return
+        return False
     node.target, node.args = aten.linear.default, (a, weight)
     _erase_if_unread(gm, b)
+    return True
 
 
-def _linear_of_any_rank(gm: GraphModule, node: Node) -> None:
+def _linear_of_any_rank(gm: GraphModule, node: Node) -> bool:
     """`view(linear(view(x, [n, c])), [*lead, o])`, a decomposed `linear` of a rank > 2 input (lead its
-    leading dims, n their product), as the `linear(x)` it was."""
+    leading dims, n their product), as the `linear(x)` it was (True)."""
     linear = node.args[0]
     if not isinstance(linear, Node) or len(linear.users) != 1 or not _is_linear_call(gm, linear):
-        return
+        return False
     flattened = linear.args[0]
     if not isinstance(flattened, Node) or flattened.target is not aten.view.default or len(flattened.users) != 1:
-        return
+        return False
     x = _without_copies(flattened.args[0])
     shapes = [n.meta.get("val") for n in (x, flattened, linear, node)]
     if not all(isinstance(v, torch.Tensor) for v in shapes):
-        return
+        return False
     x_shape, flat, out, unflat = (tuple(v.shape) for v in shapes)
     if flat[-1] != x_shape[-1] or unflat[:-1] != x_shape[:-1] or unflat[-1] != out[-1]:
-        return  # the views must only merge, then split back, the dims before the features
+        return False  # the views must only merge, then split back, the dims before the features
     linear.args = (x, *linear.args[1:])
     linear.meta["val"] = node.meta["val"]
     linear.meta.pop("tensor_meta", None)
     node.replace_all_uses_with(linear)
     gm.graph.erase_node(node)
     _erase_if_unread(gm, flattened)
+    return True
+
+
+def _token_rows_restored(gm: GraphModule, node: Node) -> None:
+    """`view(bn(view(y, [n, c])), y's shape)`, a per-feature BatchNorm1d on the rows of a token tensor y
+    (LeViT's `bn(y.flatten(0, 1)).reshape_as(y)`, decomposed), as `bn(y.flatten(0, -2)).reshape_as(y)`:
+    each view reads the same values as the spelling it becomes."""
+    bn = node.args[0]
+    if not isinstance(bn, Node) or bn.op != "call_module" or len(bn.users) != 1 or len(bn.args) != 1:
+        return
+    rows = bn.args[0]
+    if not isinstance(rows, Node) or rows.target is not aten.view.default or len(rows.users) != 1:
+        return
+    y = rows.args[0]
+    shapes = [n.meta.get("val") if isinstance(n, Node) else None for n in (y, rows, node)]
+    if not all(isinstance(v, torch.Tensor) for v in shapes):
+        return
+    y_shape, flat, restored = (tuple(v.shape) for v in shapes)
+    if len(y_shape) < 3 or flat != (math.prod(y_shape[:-1]), y_shape[-1]) or restored != y_shape:
+        return
+    rows.target, rows.args = torch.flatten, (y, 0, -2)
+    node.op, node.target, node.args = "call_method", "reshape_as", (bn, y)
 
 
 def _without_copies(value: Any) -> Any:
