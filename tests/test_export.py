@@ -570,6 +570,18 @@ def test_a_decomposed_batch_norm_on_token_rows_folds_only_when_viewed_back_to_th
         assert relative_error(fused.module()(x), model(x)) < 1e-12
 
 
+def test_a_decomposed_batch_norm_on_token_rows_folds_with_a_dynamic_batch() -> None:
+    """The views' sizes are then expressions of the batch; flatten and reshape_as hold for every batch."""
+    model = randomize_batchnorm(LeViTStyle()).double().eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64),), dynamic_shapes=({0: batch},))
+    fused = reparam.fuse_exported(program.run_decompositions())
+    assert _linear_ops(fused)["batch_norm"] == 0
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
 def test_a_clone_that_makes_a_permuted_tensor_contiguous_for_a_view_is_kept() -> None:
     """Decomposed, a Linear on a rank-4 channels-last tensor is `clone(expand(permute(x)))` then `view`:
     the clone is no eval no-op there (it once was dropped, and the fused program failed to export)."""
