@@ -98,9 +98,11 @@ def as_torch_fx_spellings(gm: GraphModule) -> None:
             _as_setitem(gm, node)
         elif node.target is aten.slice_scatter.default:
             _scatter_as_setitem(gm, node)
-        elif node.target is aten.linear.default or (node.target in _MATMULS and _as_linear(gm, node)):
-            _as_linear_layer(gm, node, reads)
-        elif node.target is aten.bmm.default and _batched_as_linear(gm, node):
+        elif (
+            node.target is aten.linear.default
+            or (node.target in _MATMULS and _as_linear(gm, node))
+            or (node.target is aten.bmm.default and _batched_as_linear(gm, node))
+        ):
             _as_linear_layer(gm, node, reads)
         elif node.target is aten.batch_norm.default or _is_native_batch_norm_output(node):
             _as_batch_norm_layer(gm, node, reads)
