@@ -13,9 +13,9 @@ fusion (its metadata, the propagated shapes included, kept):
     aten.flatten.using_ints(x, a, b) -> torch.flatten(x, a, b)
     aten.split.Tensor(x, n, dim), aten.split_with_sizes.default(x, ns, dim) -> torch.split(x, n or ns, dim)
     aten.reshape_as.default(x, y), aten.view_as.default(x, y) -> x.reshape_as(y), x.view_as(y)
-    aten.view.default(bn(aten.view.default(y, [n, c])), y's shape), bn a BatchNorm layer
-                               -> bn(torch.flatten(y, 0, -2)).reshape_as(y)   (n the product of y's
-                                  leading dims: a BatchNorm1d on a token tensor's rows, decomposed)
+    aten.view.default(layer(aten.view.default(y, [n, c])), y's shape), the layer a module call
+                               -> layer(torch.flatten(y, 0, -2)).reshape_as(y)   (n the product of
+                                  y's leading dims: LeViT's BatchNorm1d on a token tensor's rows)
     aten.pad.default(x, p, mode, value), aten.constant_pad_nd.default(x, p, value)
                                -> F.pad(x, p, mode, value)
     aten.slice.Tensor(x, d, a, b) (consecutive ones merged)
@@ -161,10 +161,10 @@ def _linear_of_any_rank(gm: GraphModule, node: Node) -> bool:
     if not isinstance(flattened, Node) or flattened.target is not aten.view.default or len(flattened.users) != 1:
         return False
     x = _without_copies(flattened.args[0])
-    shapes = [n.meta.get("val") for n in (x, flattened, linear, node)]
-    if not all(isinstance(v, torch.Tensor) for v in shapes):
+    shapes = _shapes(x, flattened, linear, node)
+    if shapes is None:
         return False
-    x_shape, flat, out, unflat = (tuple(v.shape) for v in shapes)
+    x_shape, flat, out, unflat = shapes
     if flat[-1] != x_shape[-1] or unflat[:-1] != x_shape[:-1] or unflat[-1] != out[-1]:
         return False  # the views must only merge, then split back, the dims before the features
     linear.args = (x, *linear.args[1:])
@@ -177,24 +177,24 @@ def _linear_of_any_rank(gm: GraphModule, node: Node) -> bool:
 
 
 def _token_rows_restored(gm: GraphModule, node: Node) -> None:
-    """`view(bn(view(y, [n, c])), y's shape)`, a per-feature BatchNorm1d on the rows of a token tensor y
-    (LeViT's `bn(y.flatten(0, 1)).reshape_as(y)`, decomposed), as `bn(y.flatten(0, -2)).reshape_as(y)`:
-    each view reads the same values as the spelling it becomes."""
-    bn = node.args[0]
-    if not isinstance(bn, Node) or bn.op != "call_module" or len(bn.users) != 1 or len(bn.args) != 1:
+    """`view(layer(view(y, [n, c])), y's shape)`, a layer on the rows of a token tensor y (LeViT's
+    `bn(y.flatten(0, 1)).reshape_as(y)`, decomposed), as `layer(y.flatten(0, -2)).reshape_as(y)`: each
+    view reads the same values as the spelling it becomes, whatever the layer."""
+    layer = node.args[0]
+    if not isinstance(layer, Node) or layer.op != "call_module" or len(layer.users) != 1 or len(layer.args) != 1:
         return
-    rows = bn.args[0]
+    rows = layer.args[0]
     if not isinstance(rows, Node) or rows.target is not aten.view.default or len(rows.users) != 1:
         return
     y = rows.args[0]
-    shapes = [n.meta.get("val") if isinstance(n, Node) else None for n in (y, rows, node)]
-    if not all(isinstance(v, torch.Tensor) for v in shapes):
+    shapes = _shapes(y, rows, node)
+    if shapes is None:
         return
-    y_shape, flat, restored = (tuple(v.shape) for v in shapes)
+    y_shape, flat, restored = shapes
     if len(y_shape) < 3 or flat != (math.prod(y_shape[:-1]), y_shape[-1]) or restored != y_shape:
         return
     rows.target, rows.args = torch.flatten, (y, 0, -2)
-    node.op, node.target, node.args = "call_method", "reshape_as", (bn, y)
+    node.op, node.target, node.args = "call_method", "reshape_as", (layer, y)
 
 
 def _without_copies(value: Any) -> Any:
@@ -325,17 +325,25 @@ def _assigned(value: Any, target: Node) -> Any:
 
 def _drops_leading_ones(view: Node) -> bool:
     """Whether `view` only drops leading size-1 dims of its input ((1, C, 1, 1) to (C, 1, 1))."""
-    source, result = view.args[0], view.meta.get("val")
-    shape = source.meta.get("val") if isinstance(source, Node) else None
-    if not isinstance(shape, torch.Tensor) or not isinstance(result, torch.Tensor):
+    shapes = _shapes(view.args[0], view)
+    if shapes is None:
         return False
-    extra = shape.dim() - result.dim()
-    return extra >= 0 and tuple(shape.shape) == (1,) * extra + tuple(result.shape)
+    shape, result = shapes
+    extra = len(shape) - len(result)
+    return extra >= 0 and shape == (1,) * extra + result
 
 
-def _same_shape(a: Node, b: Node) -> bool:
-    shapes = [n.meta.get("val") for n in (a, b)]
-    return all(isinstance(s, torch.Tensor) for s in shapes) and shapes[0].shape == shapes[1].shape
+def _same_shape(a: Any, b: Any) -> bool:
+    shapes = _shapes(a, b)
+    return shapes is not None and shapes[0] == shapes[1]
+
+
+def _shapes(*values: Any) -> tuple[tuple[Any, ...], ...] | None:
+    """The shapes the program propagated to `values` (nodes), or None where one is not known."""
+    tensors = [v.meta.get("val") if isinstance(v, Node) else None for v in values]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return tuple(tuple(t.shape) for t in tensors)
 
 
 def _as_linear_layer(gm: GraphModule, node: Node, reads: Counter) -> None:
