@@ -16,6 +16,8 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import reparam
@@ -566,6 +568,36 @@ def test_a_decomposed_batch_norm_on_token_rows_folds_only_when_viewed_back_to_th
     decomposed = torch.export.export(model, (x,)).run_decompositions()
     fused = reparam.fuse_exported(decomposed)
     assert _linear_ops(fused)["batch_norm"] == batch_norms
+    with torch.no_grad():
+        assert relative_error(fused.module()(x), model(x)) < 1e-12
+
+
+class RowsNormalized(nn.Module):
+    """LeViT's LinearNorm for any number of leading dims: a BatchNorm1d on the rows of a Linear's output."""
+
+    def __init__(self, features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(features, out_features), nn.BatchNorm1d(out_features)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, -2)).reshape_as(y)
+
+
+@settings(max_examples=max(8, settings().max_examples // 6), deadline=None)  # each example exports: the slow part
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=2, max_size=3),
+    features=st.integers(1, 6),
+    out_features=st.integers(1, 6),
+    decomposed=st.booleans(),
+)
+def test_a_batch_norm_on_a_linears_rows_folds_in_either_program_form(lead, features, out_features, decomposed):
+    """Property: for any leading dims (odd sizes and 1s included), float64, the BN folds into the Linear, exactly."""
+    model = randomize_batchnorm(RowsNormalized(features, out_features)).double().eval()
+    x = torch.randn(*lead, features, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    fused = reparam.fuse_exported(program.run_decompositions() if decomposed else program)
+    assert _linear_ops(fused)["batch_norm"] == 0
     with torch.no_grad():
         assert relative_error(fused.module()(x), model(x)) < 1e-12
 
